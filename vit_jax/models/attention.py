@@ -1,0 +1,103 @@
+"""Multi-head self-attention with the reference parameter layout.
+
+Parameters (names and shapes as in Google's checkpoints):
+  query/key/value: kernel [dim, heads, head_dim], bias [heads, head_dim]
+  out:             kernel [heads, head_dim, dim], bias [dim]
+The three input projections are computed as one fused matmul from the separate
+parameters, so the checkpoint layout never changes.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax.models import posembed
+
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+
+
+class _Projection(nn.Module):
+  """Declares a DenseGeneral-style kernel and bias and returns them, unapplied.
+
+  The kernel's first `in_axes` axes are its fan-in, the rest its fan-out, as
+  flax's DenseGeneral (and so the reference) initialises it with xavier_uniform.
+  """
+  kernel_shape: tuple[int, ...]
+  bias_shape: tuple[int, ...]
+  in_axes: int = 1
+
+  @nn.compact
+  def __call__(self):
+    ndim = len(self.kernel_shape)
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=tuple(range(self.in_axes)),
+        out_axis=tuple(range(self.in_axes, ndim)))
+    kernel = self.param("kernel", init, self.kernel_shape)
+    bias = self.param("bias", nn.initializers.zeros, self.bias_shape)
+    return kernel, bias
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention: [batch, tokens, dim] -> [batch, tokens, dim].
+
+  Attributes:
+    num_heads: number of heads; dim must be divisible by it.
+    dropout_rate: dropout on the attention weights (train only).
+    impl: 'xla' (explicit softmax), 'dot_product' (jax.nn.dot_product_attention, XLA
+      chooses), 'cudnn' (jax.nn.dot_product_attention flash kernel, GPU only).
+    relative_grid: when set, adds relative-position logits (posemb 'relative').
+  When the 'intermediates' collection is mutable, the attention weights
+  [batch, heads, q_tokens, k_tokens] are sown as `attention_weights`.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  impl: str = "xla"
+  relative_grid: Optional[tuple[int, int]] = None
+  num_prefix_tokens: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    dim = x.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f"Width {dim} is not divisible by num_heads={self.num_heads}.")
+    head_dim = dim // self.num_heads
+    heads = (self.num_heads, head_dim)
+    kernels, biases = zip(*[
+        _Projection((dim,) + heads, heads, name=name)()
+        for name in ("query", "key", "value")])
+    qkv_kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # [dim, 3, heads, head_dim]
+    qkv = jnp.einsum("btd,dkhe->btkhe", x, qkv_kernel) + jnp.stack(biases).astype(self.dtype)
+    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
+
+    bias = None
+    if self.relative_grid is not None:
+      bias = posembed.RelativeLogits(self.relative_grid, self.num_prefix_tokens,
+                                     name="relative")(query)
+    needs_weights = (self.is_mutable_collection("intermediates")
+                     or (self.dropout_rate > 0 and not deterministic))
+    if self.impl == "xla" or needs_weights:
+      out = self._explicit_attention(query, key, value, bias, deterministic)
+    elif self.impl in ("dot_product", "cudnn"):
+      out = jax.nn.dot_product_attention(
+          query, key, value, bias=bias,
+          implementation="cudnn" if self.impl == "cudnn" else None)
+    else:
+      raise ValueError(f"Unknown attention impl {self.impl!r}; choose one of {ATTENTION_IMPLS}.")
+
+    out_kernel, out_bias = _Projection(heads + (dim,), (dim,), in_axes=2, name="out")()
+    return (jnp.einsum("bthe,hed->btd", out, out_kernel.astype(self.dtype))
+            + out_bias.astype(self.dtype))
+
+  def _explicit_attention(self, query, key, value, bias, deterministic):
+    scale = query.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale, key)
+    if bias is not None:
+      logits = logits + bias
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    self.sow("intermediates", "attention_weights", weights)
+    if self.dropout_rate > 0 and not deterministic:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
