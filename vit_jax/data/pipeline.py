@@ -53,10 +53,6 @@ def _seed_words(seed: int):
   return int(seed) & 0xFFFFFFFFFFFFFFFF
 
 
-def _is_not_none(x) -> bool:
-  return x is not None
-
-
 class _TrainOrder:
   """Infinite sequence i -> (epoch, global example index) for one process."""
 
@@ -133,8 +129,16 @@ class _TrainMap(_Decode):
   def __call__(self, element):
     epoch, g = element
     img, rec = self.read(g)
-    if img is None:
-      return None
+    # A skipped corrupt image is replaced by the next readable one, so batches
+    # keep their size (and can be formed before the worker split).
+    tries = 1
+    while img is None:
+      if tries >= min(len(self.source), 100):
+        raise CorruptImageError(rec.get('path', str(g)), 'and too many following '
+                                'images are corrupt as well')
+      g = (g + 1) % len(self.source)
+      img, rec = self.read(g)
+      tries += 1
     rng = np.random.default_rng((self.seed, epoch, g, 1))
     img = images_lib.train_transform(img, rng, self.crop, self.area_range, self.flip)
     return {'image': img, 'label': np.int32(rec['label'])}
@@ -218,9 +222,11 @@ class DataIterator:
 def _finish(ds, config, local_batch, drop_remainder):
   workers = int(config.get('data_workers', 0) or 0)
   threads = int(config.get('data_threads', 2) or 0)
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=max(2 * local_batch, 16)))
+  # Batches are formed on the random-access dataset, so each batch holds the
+  # same examples whatever the number of workers or threads.
   ds = ds.batch(local_batch, drop_remainder=drop_remainder)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=max(threads, 2)))
   if workers > 0:
     # Worker processes read absl flags; outside absl.app.run they are unparsed.
     from absl import flags  # pylint: disable=g-import-not-at-top
@@ -245,7 +251,6 @@ def make_train_iterator(config, *, seed: int, process_index=None, process_count=
   transform = _TrainMap(source, crop, bool(_pp(config, 'skip_corrupt', False)), seed,
                         _pp(config, 'area_range', (0.05, 1.0)), bool(_pp(config, 'flip', True)))
   ds = grain.MapDataset.source(_TrainOrder(n, seed, pi, pc)).map(transform)
-  ds = ds.filter(_is_not_none)
   ds, workers = _finish(ds, config, local_batch, drop_remainder=True)
   identity = {'kind': 'train', 'dataset': ds_spec.name, 'split': split,
               'num_examples': n, 'seed': int(seed), 'process_index': pi,
