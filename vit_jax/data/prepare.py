@@ -1,0 +1,77 @@
+"""Converts a dataset to ArrayRecord files for the grain input pipeline.
+
+  python -m vit_jax.data.prepare NAME|FOLDER --data_dir DIR [--manual_dir DIR]
+
+NAME is 'digits' (embedded, no download) or a tfds dataset name ('cifar10',
+'oxford_iiit_pet', 'imagenet2012' with --manual_dir, ...): it is downloaded
+(or read from --manual_dir) and written by tfds with file_format=array_record.
+FOLDER is an image folder ROOT/{train,test}/<class>/*.{jpg,png,...}: its files
+are copied (still encoded) into ArrayRecord; training on FOLDER then reads the
+prepared copy from data_dir. tfds shows progress bars while writing.
+"""
+
+import argparse
+import os
+import sys
+
+from vit_jax.data import digits as digits_lib
+from vit_jax.data import folder as folder_lib
+from vit_jax.data import sources
+from vit_jax.data.errors import UnknownDatasetError
+
+
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None,
+            overwrite: bool = False) -> str:
+  """Prepares `name` (tfds name or folder) in data_dir; returns its directory."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.expanduser(data_dir or sources.default_data_dir())
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
+  if name == 'digits':
+    builder = digits_lib.digits_builder(data_dir, prepare=False)
+  elif sources.is_folder_spec(name):
+    if not os.path.isdir(os.path.expanduser(name)):
+      raise UnknownDatasetError(f'Image folder {name!r} does not exist.')
+    builder = folder_lib.ImageFolderArrayRecord(
+        name, data_dir=data_dir, file_format='array_record')
+    _with_progress_note(builder)
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise UnknownDatasetError(
+          f'Unknown tfds dataset {name!r}. See '
+          'https://www.tensorflow.org/datasets/catalog/overview for names, or '
+          'pass the path of an image folder.') from e
+  lock = os.path.join(data_dir, f'.{builder.name}.lock')
+  with digits_lib.file_lock(lock):
+    builder.download_and_prepare(download_config=config)
+  return str(builder.data_dir)
+
+
+def _with_progress_note(builder):
+  n = sum(len(v) for v in builder._examples.values())  # pylint: disable=protected-access
+  print(f'Converting {n} images from {builder._root} '  # pylint: disable=protected-access
+        f'({len(builder.info.features["label"].names)} classes).', flush=True)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m vit_jax.data.prepare', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('name', help="tfds name ('digits', 'cifar10', ...) or image folder")
+  parser.add_argument('--data_dir', default=None,
+                      help='tfds data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)')
+  parser.add_argument('--manual_dir', default=None,
+                      help='folder with manually downloaded files (e.g. imagenet2012)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='re-generate even if already prepared')
+  args = parser.parse_args(argv)
+  path = prepare(args.name, args.data_dir, args.manual_dir, args.overwrite)
+  print(f'Prepared {args.name} as ArrayRecord in {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
