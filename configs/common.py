@@ -1,0 +1,182 @@
+"""Shared pieces of the training configs: every field the trainer reads, and the recipes.
+
+`get_config()` returns all fields with neutral defaults; `finetune(...)` and `pretrain(...)`
+apply the paper's recipes (Dosovitskiy et al. 2021, Sec. 4.1 and App. B.1) for a model and
+dataset. The per-model files (`vit_b16.py`, ...) only pick the model and call these.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from vit_jax import models
+
+# Training-split sizes, for turning epochs into steps.
+TRAIN_SIZES = {
+    "cifar10": 50_000,
+    "cifar100": 50_000,
+    "oxford_iiit_pet": 3_680,
+    "oxford_flowers102": 1_020,
+    "imagenet2012": 1_281_167,
+    "imagenet21k": 12_743_321,
+    "digits": 1_437,
+}
+
+# Fine-tuning steps per dataset (paper, Table 4; ImageNet 20k, CIFAR 10k, small sets 500).
+FINETUNE_STEPS = {
+    "cifar10": 10_000,
+    "cifar100": 10_000,
+    "oxford_iiit_pet": 500,
+    "oxford_flowers102": 500,
+    "imagenet2012": 20_000,
+}
+
+# The evaluation split each dataset publishes (tfds names).
+EVAL_SPLITS = {"imagenet2012": "validation", "oxford_flowers102": "test"}
+
+# Pre-training learning rates per model size (paper, Table 3, Adam, batch 4096).
+PRETRAIN_LR = {"B": 1e-3, "L": 4e-4, "H": 3e-4}
+
+# Sizes that need FSDP and scan+remat to fit a fine-tuning batch on 16-80 GB devices.
+LARGE_MODELS = ("ViT-L_16", "ViT-L_32", "ViT-H_14", "R50+ViT-L_32")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Every field the trainer, train step and data pipeline read, with neutral defaults."""
+  c = ml_collections.ConfigDict()
+  # The image resolution is one value shared by the data pipeline and the model, so that
+  # `--config.pp.crop=384` (or `--config.model.image_size=384`) changes both.
+  crop = config_dict.FieldReference(224)
+
+  c.model = models.get_config("ViT-B_16")
+  c.model.image_size = crop
+  c.num_classes = config_dict.placeholder(int)  # None: the dataset's number of classes.
+  c.init_from = config_dict.placeholder(str)  # None: from scratch; else .npz / Orbax dir / workdir.
+  c.resample_posemb = "zoom"  # How position embeddings are resized when init_from's grid differs.
+  c.seed = 0
+
+  # Data (see vit_jax/data).
+  c.dataset = "digits"
+  c.data_dir = config_dict.placeholder(str)
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.batch_size = 512  # Global, over all devices and processes.
+  c.eval_batch_size = 512
+  c.data_workers = 0  # grain worker processes; 0 = threads in the training process.
+  c.data_threads = 2
+  c.prefetch = 2  # Batches placed on the devices ahead of the step.
+  c.pp = ml_collections.ConfigDict()
+  c.pp.crop = crop
+  c.pp.eval_mode = "resize"  # 'resize' | 'resize_crop'
+  c.pp.area_range = (0.05, 1.0)  # Inception crop area range for training.
+  c.pp.flip = True
+  c.pp.skip_corrupt = False
+
+  # Optimisation (see vit_jax/optim.py and vit_jax/train.py).
+  c.total_steps = 10_000
+  c.warmup_steps = 500
+  c.optimizer = "sgd"  # 'sgd' | 'adam'
+  c.lr = 0.03
+  c.momentum = 0.9
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.weight_decay = 0.0  # Decoupled (AdamW-style), multiplied by the schedule's lr factor.
+  c.grad_clip_norm = 1.0
+  c.schedule = "cosine"  # 'cosine' | 'linear' decay after the linear warm-up.
+  c.loss = "softmax_xent"  # 'softmax_xent' | 'sigmoid_xent'
+  c.label_smoothing = 0.0
+  c.accum_steps = 1  # Gradient accumulation micro-batches per step (for memory).
+
+  # Devices.
+  c.mesh = [("data", -1)]  # e.g. [('data', 4), ('model', 2)]; -1 = the remaining devices.
+  c.fsdp = False  # Shard parameters and optimizer state over the batch axes too.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = config_dict.placeholder(bool)  # None: detect (SLURM, TPU pod, ...).
+  c.distributed.coordinator_address = config_dict.placeholder(str)
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+
+  # Loop, checkpoints and reporting.
+  c.log_every = 50
+  c.eval_every = 1000  # Also evaluated at the end; 0 = only at the end.
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3  # The newest k, plus the best by eval accuracy.
+  c.async_checkpoint = True
+  c.preemption_sync_every = 10  # Multi-host: steps between agreeing on a SIGTERM.
+  c.progress_bar = False  # True: a tqdm bar instead of one line per log_every steps.
+  c.plots = True  # PNG loss/accuracy curves in the workdir at the end.
+  return c
+
+
+def model_size(model_name: str) -> str:
+  """'B' for 'ViT-B_16' or 'R50+ViT-B_16'."""
+  return model_name.split("ViT-")[1].split("_")[0]
+
+
+def _set_model(c, model_name):
+  crop = c.pp.get_ref("crop")
+  c.model = models.get_config(model_name)
+  c.model.image_size = crop
+  if model_name in LARGE_MODELS:
+    c.fsdp = True
+    c.model.scan = True
+    c.model.remat_policy = "nothing_saveable"
+
+
+def finetune(model_name: str, dataset: str) -> ml_collections.ConfigDict:
+  """Paper fine-tuning: SGD momentum 0.9, no weight decay, batch 512, warm-up 500 then cosine,
+  global-norm clip 1, 384 px, from the ImageNet-21k checkpoint with a fresh zero head."""
+  if dataset not in FINETUNE_STEPS:
+    raise ValueError(f"No fine-tuning recipe for dataset {dataset!r}; choose one of "
+                     f"{sorted(FINETUNE_STEPS)} (or edit the config's fields).")
+  c = get_config()
+  _set_model(c, model_name)
+  c.dataset = dataset
+  c.eval_split = EVAL_SPLITS.get(dataset, "test")
+  c.pp.crop = 384
+  c.optimizer, c.lr, c.momentum, c.weight_decay = "sgd", 0.03, 0.9, 0.0
+  c.batch_size = c.eval_batch_size = 512
+  c.schedule, c.warmup_steps, c.grad_clip_norm = "cosine", 500, 1.0
+  c.total_steps = FINETUNE_STEPS[dataset]
+  c.eval_every = c.checkpoint_every = max(100, c.total_steps // 10)
+  c.log_every = 50 if c.total_steps >= 1000 else 10
+  # The published ImageNet-21k checkpoint, e.g. fetched with
+  # `gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz pretrained/imagenet21k/`.
+  c.init_from = f"pretrained/imagenet21k/{model_name}.npz"
+  return c
+
+
+def pretrain(model_name: str, dataset: str = "imagenet2012",
+             epochs: int | None = None) -> ml_collections.ConfigDict:
+  """Paper pre-training: Adam (0.9, 0.999), decoupled weight decay 0.1, batch 4096,
+  linear warm-up of 10k steps then linear decay, global-norm clip 1, 224 px, from scratch."""
+  c = get_config()
+  _set_model(c, model_name)
+  c.dataset = dataset
+  c.eval_split = EVAL_SPLITS.get(dataset, "test")
+  c.pp.crop = 224
+  c.optimizer, c.b1, c.b2, c.weight_decay = "adam", 0.9, 0.999, 0.1
+  c.lr = PRETRAIN_LR.get(model_size(model_name), 1e-3)
+  c.batch_size = c.eval_batch_size = 4096
+  c.schedule, c.warmup_steps, c.grad_clip_norm = "linear", 10_000, 1.0
+  epochs = epochs or (90 if dataset == "imagenet21k" else 300)
+  c.total_steps = TRAIN_SIZES.get(dataset, 1_281_167) * epochs // c.batch_size
+  c.eval_every = c.checkpoint_every = 5_000
+  c.log_every = 100
+  c.init_from = None
+  if dataset == "imagenet21k":
+    # Multi-label: the i21k runs used sigmoid cross-entropy with the head bias at -10.
+    c.loss = "sigmoid_xent"
+    c.model.head_bias_init = -10.0
+  return c
+
+
+def recipe(model_name: str, arg: str | None) -> ml_collections.ConfigDict:
+  """Parses a config-file argument 'DATASET' or 'DATASET,pretrain' (default cifar10)."""
+  parts = [p.strip() for p in (arg or "cifar10").split(",") if p.strip()]
+  dataset = parts[0] if parts else "cifar10"
+  mode = parts[1] if len(parts) > 1 else ("pretrain" if dataset == "imagenet21k" else "finetune")
+  if len(parts) > 2 or mode not in ("finetune", "pretrain"):
+    raise ValueError(f"Config argument {arg!r} should be 'DATASET' or 'DATASET,pretrain' "
+                     "(e.g. --config=configs/vit_b16.py:cifar100 or "
+                     "--config=configs/vit_b16.py:imagenet2012,pretrain).")
+  return pretrain(model_name, dataset) if mode == "pretrain" else finetune(model_name, dataset)

@@ -1,0 +1,17 @@
+"""ViT-B_16 recipes: `--config=configs/vit_b16.py:DATASET` fine-tunes (paper recipe), and
+`--config=configs/vit_b16.py:DATASET,pretrain` pre-trains from scratch.
+
+DATASET: cifar10 (default), cifar100, oxford_iiit_pet, oxford_flowers102, imagenet2012;
+pre-training also accepts imagenet21k. Fields can be overridden, e.g.
+`--config.init_from=/path/ViT-B_16.npz --config.batch_size=256 --config.accum_steps=2`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg=None):
+  return common.recipe("ViT-B_16", arg)
