@@ -9,6 +9,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from vit_jax import models
+from vit_jax import sharding
 
 # Training-split sizes, for turning epochs into steps.
 TRAIN_SIZES = {
@@ -89,11 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices.
   c.mesh = [("data", -1)]  # e.g. [('data', 4), ('model', 2)]; -1 = the remaining devices.
   c.fsdp = False  # Shard parameters and optimizer state over the batch axes too.
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.enabled = config_dict.placeholder(bool)  # None: detect (SLURM, TPU pod, ...).
-  c.distributed.coordinator_address = config_dict.placeholder(str)
-  c.distributed.num_processes = config_dict.placeholder(int)
-  c.distributed.process_id = config_dict.placeholder(int)
+  # Multi-host: mode auto | on | off, or an explicit coordinator (see vit_jax/sharding.py).
+  c.distributed = sharding.default_distributed_config()
 
   # Loop, checkpoints and reporting.
   c.log_every = 50
