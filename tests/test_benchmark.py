@@ -1,0 +1,84 @@
+"""Smoke tests of the speed benchmark on the tiny 'testing' model (1 timed run per row)."""
+
+import json
+
+import pytest
+
+from vit_jax import benchmark
+
+TINY = dict(model="testing", batch=8, resolution=16, num_classes=10, warmup=1, runs=1,
+            train_step="local")
+
+
+def _forward_matmul_flops(tokens=17, dim=32, mlp=128, layers=2, patches=16, patch=4,
+                          classes=10):
+  """Multiply-adds x2 of the tiny model's matmuls for one image (elementwise ops excluded)."""
+  per_layer = 2 * tokens * dim * (3 * dim + dim + 2 * mlp) + 2 * 2 * tokens * tokens * dim
+  return layers * per_layer + 2 * patches * patch * patch * 3 * dim + 2 * dim * classes
+
+
+@pytest.fixture(scope="module")
+def results():
+  specs = [benchmark.RowSpec(mode=mode, **TINY) for mode in benchmark.MODES]
+  return benchmark.run_benchmark(specs, isolate=False, log=lambda s: None)
+
+
+def test_table_has_every_column_and_one_row_per_spec(results):
+  lines = benchmark.format_table(results).splitlines()
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert header == [h for h, _, _ in benchmark.COLUMNS]
+  assert len(lines) == 2 + len(results) == 4
+  for line in lines[2:]:
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert len(cells) == len(header)
+    assert cells[:6] == ["testing", cells[1], "jax", "8", "16", "8"]
+
+
+def test_numbers_are_positive_and_flops_match_the_model(results):
+  infer, train = results
+  for r in results:
+    assert r["img_per_s"] > 0 and r["seconds"] > 0
+    assert r["compile_s"] > 0
+    assert 0 < r["peak_fraction"] < 1.5
+    assert r["matmul_peak_gflops"] > 1
+    assert r["host_peak_gb"] > 0.1
+    assert r["xla_buffers_gb"] > 0
+    assert r["devices"] == 8
+  matmuls = _forward_matmul_flops() / 1e9
+  # XLA also counts softmax, GELU, LayerNorm and the like: a bit more than the matmuls.
+  assert matmuls <= infer["gflop_per_img"] <= 1.6 * matmuls
+  # Backward costs about twice the forward pass.
+  assert 2.5 <= train["gflop_per_img"] / infer["gflop_per_img"] <= 4.0
+  assert train["train_step"] == "local"
+
+
+def test_timm_ratio_pairs_rows_of_the_same_model_and_mode():
+  def row(framework, mode, img_per_s):
+    spec = benchmark.RowSpec(model="ViT-Ti_16", mode=mode, framework=framework)
+    return {"spec": json.loads(json.dumps(benchmark.dataclasses.asdict(spec))),
+            "img_per_s": img_per_s, "label": spec.label}
+  rows = [row("jax", "infer", 60.0), row("timm", "infer", 40.0), row("jax", "train", 9.0)]
+  benchmark.add_timm_ratios(rows)
+  assert rows[0]["vs_timm"] == pytest.approx(1.5)
+  assert "vs_timm" not in rows[2]
+  table = benchmark.format_table(rows)
+  assert "| 1.50x |" in table and "timm vit_tiny_patch16_224" in table
+
+
+def test_cli_runs_rows_in_subprocesses_and_writes_json(tmp_path, capsys):
+  out = tmp_path / "rows.json"
+  benchmark.main(["--models=testing", "--modes=infer", "--batch=8", "--resolution=16",
+                  "--runs=1", "--warmup=1", f"--json={out}"])
+  rows = json.loads(out.read_text())
+  assert len(rows) == 1 and rows[0]["spec"]["mode"] == "infer"
+  assert rows[0]["img_per_s"] > 0 and rows[0]["host_peak_gb"] > 0.1
+  assert "| testing | infer | jax |" in capsys.readouterr().out
+
+
+def test_bad_input_is_explained():
+  with pytest.raises(ValueError, match="Unknown mode 'eval'"):
+    benchmark.measure_row(benchmark.RowSpec(**{**TINY, "mode": "eval"}))
+  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+    benchmark.measure_row(benchmark.RowSpec(**{**TINY, "mode": "infer", "batch": 6}))
+  with pytest.raises(ValueError, match="No timm counterpart"):
+    benchmark.measure_row(benchmark.RowSpec(**{**TINY, "mode": "infer", "framework": "timm"}))

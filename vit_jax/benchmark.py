@@ -1,0 +1,493 @@
+"""Speed benchmark: inference and train-step images/s of our ViT (optionally next to timm's).
+
+  python -m vit_jax.benchmark --models=ViT-Ti_16,ViT-S_16 --batch=32 --compare=timm
+
+For every (model, mode) row it reports, after warm-up, the median images/s over `--runs`
+timed steps, compile time, GFLOP per image from XLA's cost analysis, the fraction of a
+matmul peak measured in the same run, the peak host memory (ru_maxrss of a fresh process
+per row, because maxrss only ever grows), XLA's own estimate of the step's buffers
+(`compiled.memory_analysis()`) and, where the backend reports it, the peak device memory.
+`--json=PATH` writes the same rows. Rows run one after another in fresh subprocesses;
+with `--compare=timm` our row and timm's alternate, so both see the same machine load.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+# timm names of the models of the same size (patch, width, depth, heads, mlp).
+TIMM_NAMES = {
+    "ViT-Ti_16": "vit_tiny_patch16_224",
+    "ViT-S_16": "vit_small_patch16_224",
+    "ViT-S_32": "vit_small_patch32_224",
+    "ViT-B_8": "vit_base_patch8_224",
+    "ViT-B_16": "vit_base_patch16_224",
+    "ViT-B_32": "vit_base_patch32_224",
+    "ViT-L_16": "vit_large_patch16_224",
+    "ViT-L_32": "vit_large_patch32_224",
+    "ViT-H_14": "vit_huge_patch14_224",
+}
+MODES = ("infer", "train")
+FRAMEWORKS = ("jax", "timm")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+  """One measurement: a model in one mode and setup, run in one process."""
+  model: str
+  mode: str  # 'infer' | 'train'
+  framework: str = "jax"  # 'jax' | 'timm'
+  batch: int = 32
+  resolution: int = 224
+  dtype: str = "float32"
+  devices: int = 0  # XLA CPU devices; 0 = one per core.
+  scan: bool = False
+  remat: str = "none"
+  attention: str = "xla"
+  optimizer: str = "adam"
+  num_classes: int = 1000
+  warmup: int = 2
+  runs: int = 5
+  train_step: str = "auto"  # 'auto' (vit_jax.train when present) | 'real' | 'local'
+
+  @property
+  def label(self) -> str:
+    """A short description of the setup, e.g. 'jax scan remat=nothing_saveable'."""
+    if self.framework == "timm":
+      return f"timm {TIMM_NAMES.get(self.model, '?')}"
+    parts = ["jax"]
+    if self.scan:
+      parts.append("scan")
+    if self.remat != "none":
+      parts.append(f"remat={self.remat}")
+    if self.attention != "xla":
+      parts.append(f"attn={self.attention}")
+    if self.dtype != "float32":
+      parts.append(self.dtype)
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring, inside the row's own process.
+
+
+def _median_seconds(fn, *, warmup: int, runs: int) -> float:
+  """Median wall time of `fn()` (which must block until done) after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def host_peak_gb() -> float:
+  """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def device_peak_gb() -> Optional[float]:
+  """Largest `peak_bytes_in_use` over the local devices, or None (the CPU reports none)."""
+  import jax
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) / 2**30 if peaks else None
+
+
+def matmul_peak_gflops(size: int = 2048, runs: int = 5) -> float:
+  """GFLOP/s of a jitted float32 [size, size] @ [size, size] on the default device."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  seconds = _median_seconds(lambda: matmul(a, a).block_until_ready(), warmup=2, runs=runs)
+  return 2 * size**3 / seconds / 1e9
+
+
+def _compiled_stats(compiled, num_partitions: int) -> dict:
+  """FLOPs (whole program; XLA counts one partition) and buffer sizes of a compiled step."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
+    cost = cost[0]
+  mem = compiled.memory_analysis()
+  stats = {"flops": float(cost.get("flops", 0.0)) * num_partitions}
+  if mem is not None:
+    stats["xla_buffers_gb"] = num_partitions * (
+        mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes) / 2**30
+  return stats
+
+
+def _make_model(spec: RowSpec):
+  from vit_jax import models
+  return models.create(spec.model, num_classes=spec.num_classes, dtype=spec.dtype,
+                       scan=spec.scan, remat_policy=spec.remat, attention_impl=spec.attention,
+                       image_size=spec.resolution)
+
+
+def _random_batch(spec: RowSpec, mesh):
+  """A global batch {'image': uint8 [batch, res, res, 3], 'label': int32 [batch]}."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+  rng = np.random.default_rng(0)
+  res = spec.resolution
+  batch = {
+      "image": rng.integers(0, 256, (spec.batch, res, res, 3), dtype=np.uint8),
+      "label": rng.integers(0, spec.num_classes, (spec.batch,), dtype=np.int32),
+  }
+  sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+  return jax.device_put(batch, sharding)
+
+
+def _data_mesh(devices: int):
+  """A 1-D 'data' mesh over the first `devices` devices (0 = all)."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  devs = jax.devices()
+  if devices > len(devs):
+    raise ValueError(f"Asked for {devices} devices but JAX sees {len(devs)}; on CPU pass a "
+                     "larger --devices (it sets the XLA CPU device count) or fewer.")
+  return Mesh(np.array(devs[:devices or len(devs)]), ("data",))
+
+
+def _timed_compile(jitted, *args):
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _jax_inference(spec: RowSpec, mesh) -> dict:
+  """Compiles and times `model.apply` on a sharded uint8 batch."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from vit_jax.data.images import normalize_images
+  model = _make_model(spec)
+  batch = _random_batch(spec, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  init = jax.jit(lambda rng, x: model.init(rng, normalize_images(x)), out_shardings=replicated)
+  params = init(jax.random.PRNGKey(0), batch["image"])["params"]
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, normalize_images(x)))
+  compiled, compile_s = _timed_compile(forward, params, batch["image"])
+  seconds = _median_seconds(lambda: compiled(params, batch["image"]).block_until_ready(),
+                            warmup=spec.warmup, runs=spec.runs)
+  return dict(seconds=seconds, compile_s=compile_s, **_compiled_stats(compiled, mesh.size))
+
+
+def _train_module():
+  """`vit_jax.train` when it exists, else None."""
+  try:
+    from vit_jax import train
+  except ImportError:
+    return None
+  return train if hasattr(train, "make_train_step") else None
+
+
+def _train_config(spec: RowSpec):
+  """A training config for `vit_jax.train` describing this row (fine-tuning recipe)."""
+  import ml_collections
+  from vit_jax import models
+  try:
+    from configs import common
+    config = common.get_config()
+  except ImportError:
+    config = ml_collections.ConfigDict()
+  model_config = models.get_config(spec.model)
+  model_config.update(dtype=spec.dtype, scan=spec.scan, remat_policy=spec.remat,
+                      attention_impl=spec.attention, image_size=spec.resolution)
+  config.update(dict(
+      model=model_config, num_classes=spec.num_classes, seed=0, batch_size=spec.batch,
+      eval_batch_size=spec.batch, total_steps=1000, warmup_steps=10,
+      optimizer=spec.optimizer, lr=1e-3, momentum=0.9, b1=0.9, b2=0.999, weight_decay=0.0,
+      grad_clip_norm=1.0, schedule="cosine", loss="softmax_xent", label_smoothing=0.0,
+      accum_steps=1, mesh=[("data", -1)], fsdp=False, init_from=None))
+  config.pp = config.get("pp") or ml_collections.ConfigDict()
+  config.pp.crop = spec.resolution
+  return config
+
+
+def _real_train_step(spec: RowSpec, mesh, model, batch):
+  """(step_fn, state) from the project's `vit_jax.train`."""
+  import jax
+  train = _train_module()
+  config = _train_config(spec)
+  state, shardings = train.create_train_state(config, model, mesh, rng=jax.random.PRNGKey(0))
+  return train.make_train_step(config, model, mesh, shardings), state
+
+
+def _local_train_step(spec: RowSpec, mesh, model, batch):
+  """(step_fn, state): a plain jitted softmax-xent step, for when vit_jax.train is absent."""
+  import jax
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from vit_jax.data.images import normalize_images
+  tx = optax.adam(1e-3) if spec.optimizer == "adam" else optax.sgd(1e-3, momentum=0.9)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def init(rng, images):
+    params = model.init(rng, normalize_images(images))["params"]
+    return params, tx.init(params), rng
+
+  def step(state, batch):
+    params, opt_state, rng = state
+    rng, dropout_rng = jax.random.split(rng)
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, normalize_images(batch["image"]), train=True,
+                           rngs={"dropout": dropout_rng})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, rng), {"loss": loss}
+
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(0), batch["image"])
+  return jax.jit(step, donate_argnums=0), state
+
+
+def _jax_train(spec: RowSpec, mesh) -> dict:
+  """Compiles and times one optimizer step (forward, backward, update) per call."""
+  import jax
+  model = _make_model(spec)
+  batch = _random_batch(spec, mesh)
+  use_real = spec.train_step == "real" or (spec.train_step == "auto" and _train_module())
+  make = _real_train_step if use_real else _local_train_step
+  step_fn, state = make(spec, mesh, model, batch)
+  compiled, compile_s = _timed_compile(step_fn, state, batch)
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], batch)
+    jax.block_until_ready(metrics)
+
+  seconds = _median_seconds(run, warmup=spec.warmup, runs=spec.runs)
+  return dict(seconds=seconds, compile_s=compile_s, train_step="real" if use_real else "local",
+              **_compiled_stats(compiled, mesh.size))
+
+
+def _timm_row(spec: RowSpec) -> dict:
+  """The same measurement for timm's model of the same size, in PyTorch on the CPU."""
+  import torch
+  import timm
+  if spec.model not in TIMM_NAMES:
+    raise ValueError(f"No timm counterpart for {spec.model!r}; known: {sorted(TIMM_NAMES)}.")
+  torch.manual_seed(0)
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  model = timm.create_model(TIMM_NAMES[spec.model], pretrained=False,
+                            num_classes=spec.num_classes, img_size=spec.resolution)
+  images = torch.randn(spec.batch, 3, spec.resolution, spec.resolution)
+  labels = torch.randint(0, spec.num_classes, (spec.batch,))
+  if spec.mode == "infer":
+    model.eval()
+
+    def run():
+      with torch.inference_mode():
+        model(images)
+  else:
+    model.train()
+    opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if spec.optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
+
+    def run():
+      opt.zero_grad(set_to_none=True)
+      torch.nn.functional.cross_entropy(model(images), labels).backward()
+      opt.step()
+  return dict(seconds=_median_seconds(run, warmup=spec.warmup, runs=spec.runs))
+
+
+def measure_row(spec: RowSpec, peak_gflops: Optional[float] = None) -> dict:
+  """Runs one row in this process and returns its result dict (see `COLUMNS`)."""
+  if spec.mode not in MODES:
+    raise ValueError(f"Unknown mode {spec.mode!r}; choose one of {MODES}.")
+  if spec.framework == "timm":
+    result = _timm_row(spec)
+  elif spec.framework == "jax":
+    from vit_jax import platform
+    platform.configure_cpu_devices(spec.devices or None)
+    mesh = _data_mesh(spec.devices)
+    if spec.batch % mesh.size:
+      raise ValueError(f"Batch {spec.batch} is not divisible by the {mesh.size} devices; "
+                       "pick a multiple or set --devices.")
+    result = (_jax_inference if spec.mode == "infer" else _jax_train)(spec, mesh)
+    result["devices"] = mesh.size
+    result["device_peak_gb"] = device_peak_gb()
+  else:
+    raise ValueError(f"Unknown framework {spec.framework!r}; choose one of {FRAMEWORKS}.")
+  result.update(spec=dataclasses.asdict(spec), label=spec.label,
+                img_per_s=spec.batch / result["seconds"], host_peak_gb=host_peak_gb())
+  if "flops" in result:
+    result["gflop_per_img"] = result["flops"] / spec.batch / 1e9
+    if peak_gflops:
+      result["peak_fraction"] = result["flops"] / result["seconds"] / 1e9 / peak_gflops
+  return result
+
+
+def _row_in_subprocess(spec: RowSpec, peak_gflops: Optional[float]) -> dict:
+  """`measure_row` in a fresh Python process, so its peak memory is its own."""
+  cmd = [sys.executable, "-m", "vit_jax.benchmark", "--_row",
+         json.dumps(dataclasses.asdict(spec)), "--_peak", str(peak_gflops or 0)]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"Benchmark row {spec} failed (exit {proc.returncode}):\n"
+                       f"{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# The table.
+
+# (header, result key, format)
+COLUMNS = (
+    ("model", "model", "{}"),
+    ("mode", "mode", "{}"),
+    ("setup", "label", "{}"),
+    ("batch", "batch", "{}"),
+    ("res", "resolution", "{}"),
+    ("dev", "devices", "{}"),
+    ("img/s", "img_per_s", "{:.2f}"),
+    ("vs timm", "vs_timm", "{:.2f}x"),
+    ("compile s", "compile_s", "{:.1f}"),
+    ("GFLOP/img", "gflop_per_img", "{:.2f}"),
+    ("% peak", "peak_fraction", "{:.0%}"),
+    ("host peak GB", "host_peak_gb", "{:.2f}"),
+    ("XLA buffers GB", "xla_buffers_gb", "{:.2f}"),
+    ("device peak GB", "device_peak_gb", "{:.2f}"),
+)
+
+
+def _cell(result: dict, key: str, fmt: str) -> str:
+  value = result.get(key, result["spec"].get(key))
+  return "-" if value is None else fmt.format(value)
+
+
+def format_table(results: list[dict]) -> str:
+  """A Markdown table of the results, one row each, columns as in `COLUMNS`."""
+  header = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |"
+  rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+  rows = ["| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |" for r in results]
+  return "\n".join([header, rule] + rows)
+
+
+def add_timm_ratios(results: list[dict]) -> None:
+  """Sets `vs_timm` (our img/s over timm's) on our rows that have a timm row alike."""
+  def key(r):
+    s = r["spec"]
+    return (s["model"], s["mode"], s["batch"], s["resolution"])
+  timm = {key(r): r["img_per_s"] for r in results if r["spec"]["framework"] == "timm"}
+  for r in results:
+    if r["spec"]["framework"] == "jax" and key(r) in timm:
+      r["vs_timm"] = r["img_per_s"] / timm[key(r)]
+
+
+def _median_of_rounds(rounds: list[list[dict]]) -> list[dict]:
+  """Per row, the round with the median img/s (so every column comes from one run)."""
+  merged = []
+  for repeats in zip(*rounds):
+    ordered = sorted(repeats, key=lambda r: r["img_per_s"])
+    merged.append(ordered[len(ordered) // 2])
+  return merged
+
+
+def build_specs(args) -> list[RowSpec]:
+  """The rows the flags ask for, our row and timm's interleaved."""
+  specs = []
+  for model in args.models.split(","):
+    for mode in args.modes.split(","):
+      for variant in _variants(args):
+        specs.append(RowSpec(model=model, mode=mode, batch=args.batch,
+                             resolution=args.resolution, dtype=args.dtype,
+                             devices=args.devices, optimizer=args.optimizer,
+                             warmup=args.warmup, runs=args.runs, train_step=args.train_step,
+                             **variant))
+      if args.compare == "timm":
+        specs.append(RowSpec(model=model, mode=mode, framework="timm", batch=args.batch,
+                             resolution=args.resolution, optimizer=args.optimizer,
+                             warmup=args.warmup, runs=args.runs))
+  return specs
+
+
+def _variants(args) -> list[dict]:
+  """Each combination of --scan, --remat and --attention values."""
+  return [dict(scan=scan, remat=remat, attention=attention)
+          for scan in [s == "true" for s in args.scan.split(",")]
+          for remat in args.remat.split(",")
+          for attention in args.attention.split(",")]
+
+
+def run_benchmark(specs: list[RowSpec], *, rounds: int = 1, isolate: bool = True,
+                  log=print) -> list[dict]:
+  """Measures the matmul peak, then every row (`rounds` times, interleaved)."""
+  from vit_jax import platform
+  platform.configure_cpu_devices(specs[0].devices or None if specs else None)
+  peak = matmul_peak_gflops()
+  log(f"matmul peak (jitted float32 2048^3): {peak:.1f} GFLOP/s")
+  all_rounds = []
+  for i in range(rounds):
+    results = []
+    for spec in specs:
+      result = _row_in_subprocess(spec, peak) if isolate else measure_row(spec, peak)
+      log(f"round {i + 1}/{rounds} {spec.model} {spec.mode} {spec.label}: "
+          f"{result['img_per_s']:.2f} img/s")
+      results.append(result)
+    all_rounds.append(results)
+  results = _median_of_rounds(all_rounds)
+  for r in results:
+    r["matmul_peak_gflops"] = peak
+  add_timm_ratios(results)
+  return results
+
+
+def _parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m vit_jax.benchmark", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default="ViT-Ti_16,ViT-S_16", help="comma-separated names")
+  p.add_argument("--modes", default="infer,train", help="infer, train or both")
+  p.add_argument("--batch", type=int, default=32, help="global batch size")
+  p.add_argument("--resolution", type=int, default=224)
+  p.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
+  p.add_argument("--devices", type=int, default=0,
+                 help="XLA CPU devices to shard the batch over (0: one per core)")
+  p.add_argument("--scan", default="false", help="false, true or 'false,true'")
+  p.add_argument("--remat", default="none", help="comma-separated jax.checkpoint_policies")
+  p.add_argument("--attention", default="xla", help="comma-separated: xla,dot_product,cudnn")
+  p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+  p.add_argument("--train-step", default="auto", choices=("auto", "real", "local"),
+                 help="'real': vit_jax.train; 'local': a plain step; 'auto': real if present")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--runs", type=int, default=5, help="timed steps per row (median)")
+  p.add_argument("--rounds", type=int, default=1, help="repeat all rows; median per row")
+  p.add_argument("--compare", default="", choices=("", "timm"))
+  p.add_argument("--json", default="", help="also write the rows to this file")
+  p.add_argument("--no-isolate", action="store_true",
+                 help="run rows in this process (host peak memory then only grows)")
+  p.add_argument("--_row", help=argparse.SUPPRESS)
+  p.add_argument("--_peak", type=float, default=0.0, help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  args = _parse_args(argv)
+  if args._row:  # A child process measuring one row.
+    print(json.dumps(measure_row(RowSpec(**json.loads(args._row)), args._peak or None)))
+    return
+  results = run_benchmark(build_specs(args), rounds=args.rounds,
+                          isolate=not args.no_isolate,
+                          log=lambda s: print(s, file=sys.stderr, flush=True))
+  print(format_table(results))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
