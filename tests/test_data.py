@@ -404,3 +404,39 @@ def test_skip_corrupt_counts_and_masks(tmp_path):
   batches = list(ev)
   assert ev.num_corrupt_skipped == 1
   assert sum(int(x['mask'].sum()) for x in batches) == 7    # 8 files, 1 masked out
+
+
+def test_prepare_cli_reports_errors(tmp_path, capsys):
+  assert prepare_lib.main(['no_such_dataset_xyz', '--data_dir', str(tmp_path)]) == 2
+  assert "Unknown tfds dataset 'no_such_dataset_xyz'" in capsys.readouterr().err
+
+
+def test_prepare_overwrite_picks_up_new_images(tmp_path):
+  root = tmp_path / 'pics'
+  fx.write_image_folder(str(root))
+  cfg = fx.small_config(dataset=str(root), data_dir=str(tmp_path / 'tfds'))
+  prepare_lib.prepare(str(root), str(tmp_path / 'tfds'))
+  assert data.get_info(cfg).num_examples['train'] == 7
+  fx.Image.fromarray(fx._rgb(fx.RED)).save(str(root / 'train' / 'red' / 'new.png'))
+  prepare_lib.prepare(str(root), str(tmp_path / 'tfds'))          # reused as is
+  assert data.get_info(cfg).num_examples['train'] == 7
+  prepare_lib.prepare(str(root), str(tmp_path / 'tfds'), overwrite=True)
+  assert data.get_info(cfg).num_examples['train'] == 8
+
+
+def test_digits_preparation_race_is_safe(tmp_path):
+  import subprocess
+  import sys
+  code = ('import sys; from vit_jax.data.digits import digits_builder; '
+          'b = digits_builder(sys.argv[1]); '
+          'print(b.info.splits["train"].num_examples, b.info.splits["test"].num_examples)')
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(data.__file__))))
+  env = dict(os.environ, PYTHONPATH=repo)
+  procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert out.split()[-2:] == ['1437', '360']
+  assert os.listdir(tmp_path / 'digits') == ['1.0.0']    # no leftover temp dirs

@@ -17,6 +17,7 @@ import sys
 from vit_jax.data import digits as digits_lib
 from vit_jax.data import folder as folder_lib
 from vit_jax.data import sources
+from vit_jax.data.errors import DataError
 from vit_jax.data.errors import UnknownDatasetError
 
 
@@ -68,7 +69,11 @@ def main(argv=None) -> int:
   parser.add_argument('--overwrite', action='store_true',
                       help='re-generate even if already prepared')
   args = parser.parse_args(argv)
-  path = prepare(args.name, args.data_dir, args.manual_dir, args.overwrite)
+  try:
+    path = prepare(args.name, args.data_dir, args.manual_dir, args.overwrite)
+  except DataError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   print(f'Prepared {args.name} as ArrayRecord in {path}')
   return 0
 

@@ -10,6 +10,7 @@ Every source returns records {'image': encoded bytes, 'label': int, 'path': str}
 """
 
 import dataclasses
+import logging
 import os
 
 import tensorflow_datasets as tfds
@@ -143,6 +144,9 @@ def resolve(config) -> ResolvedDataset:
           f'{", ".join(KNOWN_DATASETS)}.')
     prepared = folder_lib.prepared_dir(root, data_dir)
     if os.path.exists(os.path.join(prepared, 'dataset_info.json')):
+      logging.info('Reading the ArrayRecord copy of %s prepared in %s (re-run '
+                   'the prepare command with --overwrite after changing the '
+                   'folder).', root, prepared)
       return _tfds_resolved(tfds.builder_from_directory(prepared),
                             os.path.basename(root.rstrip(os.sep)))
     class_names, examples = folder_lib.scan_folder(root)
