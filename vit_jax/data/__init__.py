@@ -1,5 +1,6 @@
 """Input pipeline: tfds ArrayRecord / image folders read with grain, no TensorFlow."""
 
+from vit_jax.data.augment import mixup
 from vit_jax.data.errors import CorruptImageError
 from vit_jax.data.errors import DataError
 from vit_jax.data.errors import DatasetNotPreparedError
