@@ -454,3 +454,14 @@ def test_mixup_mixes_images_and_labels():
   np.testing.assert_allclose(np.asarray(lab)[0], [lam, 0, 1 - lam], atol=1e-6)
   same, same_lab, one = mixup(jax.random.key(0), images, labels, alpha=0.0)
   assert float(one) == 1.0 and same is images and same_lab is labels
+
+
+def test_folder_spec_vs_tfds_name(tmp_path, monkeypatch):
+  from vit_jax.data import sources
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'cifar10').mkdir()
+  (tmp_path / 'my_pics').mkdir()
+  assert not sources.is_folder_spec('cifar10')       # the tfds name wins
+  assert sources.is_folder_spec('./cifar10')
+  assert sources.is_folder_spec('my_pics')
+  assert not sources.is_folder_spec('vit_test_tiny')

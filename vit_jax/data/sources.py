@@ -42,7 +42,18 @@ def data_dir_of(config) -> str:
 
 
 def is_folder_spec(name: str) -> bool:
-  return os.sep in name or name.startswith(('.', '~')) or os.path.isdir(name)
+  """A path (has a separator, starts with . or ~) or an existing directory
+  whose name is not also a tfds dataset name (tfds names win then; write
+  ./NAME to mean the folder)."""
+  if os.sep in name or name.startswith(('.', '~')):
+    return True
+  if not os.path.isdir(name):
+    return False
+  try:
+    tfds.builder_cls(name)
+  except Exception:  # pylint: disable=broad-except
+    return True
+  return False
 
 
 def prepare_command(name: str, data_dir: str) -> str:
