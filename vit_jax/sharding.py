@@ -162,7 +162,7 @@ def param_specs(abstract_params, mesh: Mesh, *, fsdp: bool,
     spec = _tensor_parallel_spec(name, shape, model_size)
     if fsdp:
       spec = _fsdp_spec(spec, shape, axes, shards, fsdp_min_size)
-    return P(*spec)
+    return P(*spec) if any(a is not None for a in spec) else P()
 
   return jax.tree_util.tree_map_with_path(spec_for, abstract_params)
 

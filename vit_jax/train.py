@@ -258,7 +258,7 @@ def make_train_step(config, model, mesh, state_shardings):
                               params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
     metrics = {"loss": loss, "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
