@@ -42,6 +42,31 @@ class VitTestTiny(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': cv2.imencode('.png', img)[1].tobytes(), 'label': i % 3}
 
 
+class VitTestNumpy(tfds.core.GeneratorBasedBuilder):
+  """Like cifar10: yields uint8 numpy images (tfds would encode them with TF)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  url_infos = None
+  code_path = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(6, 5, 3)),
+            'label': tfds.features.ClassLabel(num_classes=2),
+        }))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(10), 'test': self._generate_examples(4)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      img = np.zeros((6, 5, 3), np.uint8)
+      img[..., 0], img[..., 1], img[..., 2] = 10 * i, 100, 250 - i   # R, G, B
+      yield i, {'image': img, 'label': i % 2}
+
+
 def prepare_tiny(data_dir):
   builder = VitTestTiny(data_dir=str(data_dir), file_format='array_record')
   builder.download_and_prepare()

@@ -465,3 +465,16 @@ def test_folder_spec_vs_tfds_name(tmp_path, monkeypatch):
   assert sources.is_folder_spec('./cifar10')
   assert sources.is_folder_spec('my_pics')
   assert not sources.is_folder_spec('vit_test_tiny')
+
+
+def test_prepare_numpy_image_dataset_without_tensorflow(tmp_path):
+  path = prepare_lib.prepare('vit_test_numpy', str(tmp_path))
+  assert os.path.isdir(path)
+  cfg = fx.small_config(dataset='vit_test_numpy', data_dir=str(tmp_path),
+                        eval_batch_size=4, pp={'crop': 5})
+  assert data.get_info(cfg).num_examples == {'train': 10, 'test': 4}
+  b = next(iter(data.make_eval_iterator(cfg, process_index=0, process_count=1)))
+  order = np.argsort(b['image'][:, 0, 0, 0])
+  np.testing.assert_array_equal(b['image'][order][:, 2, 2], [[0, 100, 250], [10, 100, 249],
+                                                             [20, 100, 248], [30, 100, 247]])
+  np.testing.assert_array_equal(b['label'][order], [0, 1, 0, 1])
