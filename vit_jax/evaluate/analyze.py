@@ -1,0 +1,118 @@
+"""Analyse a trained model: attention maps, attention distance, position embeddings, few-shot.
+
+  python -m vit_jax.evaluate.analyze --workdir=WORKDIR [--out=DIR] [--num_images=6]
+
+WORKDIR is a trainer workdir (its `config.json` and final `params/`). Writes
+`attention_maps.png`, `attention_distance.png`, `posemb_similarity.png` (learned 1-D
+embeddings only) and `analysis.json` with the numbers, including few-shot linear-probe
+accuracies on frozen pre-logits features.
+"""
+
+import json
+import os
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax import checkpoint, data, models
+from vit_jax.evaluate import attention, fewshot, plots, posemb
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A trainer workdir (config.json + params/).")
+flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/analysis).")
+flags.DEFINE_integer("num_images", 6, "Images for the attention maps.")
+flags.DEFINE_list("shots", ["1", "5", "10"], "Few-shot sizes (examples per class).")
+flags.DEFINE_integer("fewshot_examples", 2000, "Train examples to draw the shots from.")
+
+
+def load_workdir(workdir: str):
+  """(config, model, params) of a finished trainer workdir."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} not found: is {workdir} a trainer workdir?")
+  with open(config_path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  params = checkpoint.read_params(os.path.join(workdir, "params"))
+  num_classes = params["head"]["bias"].shape[0]
+  model = models.from_config(config.model, num_classes)
+  return config, model, params
+
+
+def _images_and_labels(config, split, limit):
+  """Up to `limit` eval-preprocessed (unmasked) images [n, h, w, 3] in [-1, 1] and labels."""
+  images, labels = [], []
+  iterator = data.make_eval_iterator(config, split=split, process_index=0, process_count=1)
+  try:
+    for batch in iterator:
+      keep = np.asarray(batch["mask"], bool)
+      images.append(np.asarray(data.normalize_images(batch["image"][keep])))
+      labels.append(np.asarray(batch["label"][keep]))
+      if sum(len(x) for x in labels) >= limit:
+        break
+  finally:
+    getattr(iterator, "close", lambda: None)()
+  return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
+
+
+def features(model, params, images, batch_size=256):
+  """Frozen pre-logits features [n, dim]."""
+  body = model.clone(num_classes=None)
+  apply = jax.jit(lambda x: body.apply({"params": params}, x))
+  return np.concatenate([np.asarray(apply(jnp.asarray(images[i:i + batch_size])))
+                         for i in range(0, len(images), batch_size)])
+
+
+def analyse(workdir, out, num_images=6, shots=(1, 5, 10), fewshot_examples=2000) -> dict:
+  config, model, params = load_workdir(workdir)
+  os.makedirs(out, exist_ok=True)
+  images, labels = _images_and_labels(config, config.eval_split, fewshot_examples)
+  grid = (images.shape[1] // model.total_stride, images.shape[2] // model.total_stride)
+  prefix = 1 if model.classifier in ("token", "token_unpooled") else 0
+  weights = attention.collect_attention(model, {"params": params}, images[:num_images])
+  distance = attention.mean_attention_distance(weights, grid, model.total_stride, prefix)
+  distance = distance.mean(axis=1)  # Over the batch: [layers, heads].
+  maps = attention.upsample_map(attention.attention_rollout(weights, prefix), grid,
+                                images.shape[1:3])
+  result = {"attention_distance": distance.tolist(), "plots": [
+      plots.plot_attention_maps(images[:num_images], maps,
+                                os.path.join(out, "attention_maps.png"), labels[:num_images]),
+      plots.plot_attention_distance(distance, os.path.join(out, "attention_distance.png"))]}
+  pe = params["Transformer"].get("posembed_input", {}).get("pos_embedding")
+  if pe is not None:
+    result["plots"].append(plots.plot_posemb_similarity(
+        posemb.posemb_similarity(pe, grid, prefix), os.path.join(out, "posemb_similarity.png")))
+
+  train_images, train_labels = _images_and_labels(config, config.train_split, fewshot_examples)
+  train_feats, test_feats = features(model, params, train_images), features(model, params, images)
+  num_classes = int(params["head"]["bias"].shape[0])
+  result["fewshot"] = {}
+  for n in shots:
+    try:
+      result["fewshot"][f"{n}shot"] = fewshot.fewshot_accuracy(
+          train_feats, train_labels, test_feats, labels, shots=int(n), num_classes=num_classes)
+    except ValueError as e:  # Too few examples of some class for this many shots.
+      result["fewshot"][f"{n}shot"] = str(e)
+  with open(os.path.join(out, "analysis.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required.")
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "analysis")
+  result = analyse(FLAGS.workdir, out, FLAGS.num_images, [int(s) for s in FLAGS.shots],
+                   FLAGS.fewshot_examples)
+  for name, accuracy in result["fewshot"].items():
+    print(f"few-shot {name}: {accuracy}")
+  print("mean attention distance per layer (px):",
+        " ".join(f"{d:.1f}" for d in np.mean(result["attention_distance"], axis=1)))
+  print("plots:", *result["plots"], sep="\n  ")
+
+
+if __name__ == "__main__":
+  app.run(main)
