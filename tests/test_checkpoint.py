@@ -176,7 +176,7 @@ def test_load_pretrained_into_scanned_model_with_sharding(tmp_path, tiny):
   cfg.scan = True
   model = models.from_config(cfg, num_classes=5)
   init = _init(model)
-  mesh = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   init = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), init)
   new = checkpoint.load_pretrained(tmp_path / "p.npz", {"params": init}, cfg)["params"]

@@ -128,6 +128,7 @@ class TrainCheckpointer:
       raise ValueError(f"max_to_keep must be at least 1, got {max_to_keep}.")
     self.directory = _abs(directory)
     self.best_metric = best_metric
+    self.best_mode = best_mode
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -135,6 +136,7 @@ class TrainCheckpointer:
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=self._metric if keep_best else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
         async_options=ocp.AsyncOptions(timeout_secs=3600))
     self._manager = ocp.CheckpointManager(
@@ -167,7 +169,12 @@ class TrainCheckpointer:
     return list(self._manager.all_steps())
 
   def best_step(self) -> Optional[int]:
-    return self._manager.best_step()
+    """The kept step with the best `best_metric` (ties: the latest), or None."""
+    scored = [(self._metric(self._manager.metrics(step) or {}), step)
+              for step in self.all_steps()]
+    scored = [(-m if self.best_mode == "min" else m, step) for m, step in scored
+              if m != float("-inf")]
+    return max(scored)[1] if scored else None
 
   def restore(self, abstract_state, step: Optional[int] = None) -> tuple[Any, Any]:
     """(state, data_state) of `step` (default: the latest) on `abstract_state`'s layout.
