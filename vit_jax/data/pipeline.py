@@ -176,13 +176,19 @@ class DataIterator:
     self._dataset = dataset
     self._identity = identity
     self._transform = transform
+    self._copy = identity.get('data_workers', 0) > 0
     self._it = iter(dataset)
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    return next(self._it)
+    batch = next(self._it)
+    if self._copy:
+      # Batches from workers live in shared memory; plain arrays free it now
+      # (and avoid grain's shared-memory finalisers at interpreter exit).
+      batch = {k: np.array(v) for k, v in batch.items()}
+    return batch
 
   @property
   def num_corrupt_skipped(self) -> int:
