@@ -222,7 +222,8 @@ def make_train_step(config, model, mesh, state_shardings):
   With config.accum_steps > 1 the batch is processed in that many equal micro-batches
   and their gradients averaged, which equals one step on the whole batch.
   """
-  accum = int(config.get("accum_steps", 1) or 1)
+  accum = config.get("accum_steps", 1)
+  accum = 1 if accum is None else int(accum)
   check_batch_size(int(config.batch_size), mesh, accum)
   loss_fn = make_loss_fn(config, model.num_classes)
   schedule, tx = optim.make_schedule(config), optim.make_optimizer(config)
