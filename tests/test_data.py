@@ -478,3 +478,12 @@ def test_prepare_numpy_image_dataset_without_tensorflow(tmp_path):
   np.testing.assert_array_equal(b['image'][order][:, 2, 2], [[0, 100, 250], [10, 100, 249],
                                                              [20, 100, 248], [30, 100, 247]])
   np.testing.assert_array_equal(b['label'][order], [0, 1, 0, 1])
+
+
+def test_eval_resize_crop_mode_and_batch_size_fallback(folder):
+  cfg = fx.small_config(dataset=folder, batch_size=4, pp={'eval_mode': 'resize_crop', 'crop': 12})
+  del cfg['eval_batch_size']
+  batches = list(data.make_eval_iterator(cfg, process_index=1, process_count=2))
+  assert data.num_eval_batches(cfg, process_count=2) == 2 == len(batches)
+  assert batches[0]['image'].shape == (2, 12, 12, 3)
+  assert [b['mask'].tolist() for b in batches] == [[True, True], [True, False]]
