@@ -6,7 +6,7 @@ its own rows of the global batch, runs `--steps` train steps and writes the loss
 the final (gathered) params to `--out/process_{id}.npz`.
 
   python tests/multiprocess_worker.py --process_id=0 --num_processes=2 --port=12345 \
-      --out=/tmp/mp --steps=3
+      --out=/tmp/mp --steps=3 --mesh=data:2,model:2
 The caller sets JAX_PLATFORMS=cpu and the per-process device count in the environment.
 """
 
@@ -76,12 +76,17 @@ def run_steps(config, mesh, local_batch_fn, steps: int, param_seed: int = 0):
   return losses, state
 
 
+def _parse_mesh(text: str):
+  """'data:2,model:2' -> [('data', 2), ('model', 2)]."""
+  return [(name, int(size)) for name, size in (item.split(":") for item in text.split(","))]
+
+
 def _worker(args):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
 
-  config = make_config(fsdp=True, fsdp_min_size=1024)
+  config = make_config(fsdp=True, fsdp_min_size=1024, mesh=_parse_mesh(args.mesh))
   config.distributed = sharding.default_distributed_config()
   config.distributed.coordinator_address = f"127.0.0.1:{args.port}"
   config.distributed.num_processes = args.num_processes
@@ -117,4 +122,5 @@ if __name__ == "__main__":
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--out", required=True)
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--mesh", default="data:-1")
   _worker(parser.parse_args())
