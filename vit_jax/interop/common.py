@@ -32,13 +32,17 @@ def heads_to_torch(kernel, bias) -> tuple[np.ndarray, np.ndarray]:
   return linear_to_torch(kernel.reshape(kernel.shape[0], -1)), np.asarray(bias).reshape(-1)
 
 
+def check_heads(width: int, num_heads: int) -> None:
+  if width % num_heads:
+    raise ValueError(f"A projection of width {width} cannot be split into {num_heads} heads; "
+                     "pass the model's num_heads (e.g. --model NAME).")
+
+
 def heads_from_torch(weight, bias, num_heads: int) -> tuple[np.ndarray, np.ndarray]:
   """Inverse of `heads_to_torch`."""
   weight = np.asarray(weight)
   out, dim = weight.shape
-  if out % num_heads:
-    raise ValueError(f"A projection of width {out} cannot be split into {num_heads} heads; "
-                     "pass the model's num_heads (e.g. --model NAME).")
+  check_heads(out, num_heads)
   kernel = linear_from_torch(weight).reshape(dim, num_heads, out // num_heads)
   return kernel, np.asarray(bias).reshape(num_heads, out // num_heads)
 
@@ -52,6 +56,7 @@ def out_to_torch(kernel) -> np.ndarray:
 def out_from_torch(weight, num_heads: int) -> np.ndarray:
   weight = np.asarray(weight)
   dim, inner = weight.shape
+  check_heads(inner, num_heads)
   return linear_from_torch(weight).reshape(num_heads, inner // num_heads, dim)
 
 
@@ -90,6 +95,7 @@ def _from_torch(kind: str, x, num_heads: int):
   if kind == "heads":
     return heads_from_torch(x, np.zeros(np.shape(x)[0]), num_heads)[0]
   if kind == "heads_bias":
+    check_heads(np.size(x), num_heads)
     return np.asarray(x).reshape(num_heads, -1)
   if kind == "out":
     return out_from_torch(x, num_heads)
