@@ -57,16 +57,16 @@ def flatten(tree) -> dict:
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def run_steps(config, mesh, local_batch_fn, steps: int, param_seed: int = 0):
-  """Creates the state from `random_params`, runs `steps` steps; (losses, final state).
+def run_steps(config, mesh, local_batch_fn, steps: int, params=None):
+  """Runs `steps` train steps from `params` (default `random_params`); (losses, state).
 
   local_batch_fn(mesh) -> the batch as global jax.Arrays on `mesh`.
   """
   from vit_jax import models, train  # pylint: disable=g-import-not-at-top
   model = models.from_config(config.model, NUM_CLASSES)
-  abstract = train.abstract_train_state(config, model, mesh)
-  state, shardings = train.create_train_state(
-      config, model, mesh, rng=0, init_params=random_params(abstract.params, param_seed))
+  if params is None:
+    params = random_params(train.abstract_train_state(config, model, mesh).params)
+  state, shardings = train.create_train_state(config, model, mesh, rng=0, init_params=params)
   step_fn = train.make_train_step(config, model, mesh, shardings)
   batch = local_batch_fn(mesh)
   losses = []

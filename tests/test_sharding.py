@@ -9,7 +9,8 @@ from vit_jax import models
 from vit_jax import sharding
 from vit_jax import train
 
-from multiprocess_worker import NUM_CLASSES, fixed_batch, flatten, make_config, run_steps
+from multiprocess_worker import NUM_CLASSES, fixed_batch, flatten, make_config, random_params
+from multiprocess_worker import run_steps
 
 BLOCK = "Transformer/encoderblock_0/"
 
@@ -96,6 +97,20 @@ def test_fsdp_specs_shard_largest_divisible_axis_of_big_params():
   # The default minimum (16384 elements) keeps every tiny-model parameter replicated.
   default = _specs(sharding.param_shardings(params, mesh, fsdp=True))
   assert set(default.values()) == {P()}
+
+
+def test_adam_moments_follow_their_parameters_layout():
+  config = make_config(optimizer="adam", weight_decay=0.1, grad_clip_norm=1.0, fsdp=True,
+                       fsdp_min_size=1024)
+  model = models.from_config(config.model, NUM_CLASSES)
+  abstract = train.abstract_train_state(config, model, sharding.make_mesh(config.mesh))
+  adam = abstract.opt_state[1][0]  # chain(clip, adamw); adamw = chain(scale_by_adam, ...)
+  for moments in (adam.mu, adam.nu):
+    kernel = moments["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == P(None, "data") and kernel.dtype == np.float32
+    assert moments["head"]["bias"].sharding.spec == P()
+  assert adam.count.sharding.spec == P() and abstract.step.sharding.spec == P()
+  assert abstract.rng.sharding.spec == P()
 
 
 def test_fsdp_and_tensor_parallel_combine_and_scan_keeps_layer_axis():
@@ -234,3 +249,19 @@ def test_tensor_parallel_step_equals_single_device(single_device_run):
   assert query.sharding.spec == P(None, "model", None)
   assert query.addressable_shards[0].data.shape == (32, 1, 16)  # One head per device.
   assert block["MlpBlock_0"]["Dense_1"]["kernel"].sharding.spec == P("model", None)
+
+
+def test_scanned_remat_fsdp_tensor_parallel_step_equals_single_device(single_device_run):
+  """The L/H set-up (scan + remat + FSDP) with tensor parallelism on top."""
+  config = make_config(mesh=[("data", 4), ("model", 2)], fsdp=True, fsdp_min_size=1024)
+  config.model.scan, config.model.remat_policy = True, "nothing_saveable"
+  mesh = sharding.make_mesh(config.mesh)
+  unrolled = random_params(_abstract_params())  # The reference run's params.
+  losses, state = run_steps(config, mesh, _global_batch(config), STEPS,
+                            params=models.unrolled_to_scan(unrolled))
+  stacked = state.params["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert stacked.shape == (2, 32, 128)
+  assert stacked.sharding.spec == P(None, "data", "model")
+  assert stacked.addressable_shards[0].data.shape == (2, 8, 64)
+  state = state.replace(params=models.scan_to_unrolled(state.params))
+  _assert_same_run(single_device_run, losses, state)

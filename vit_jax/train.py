@@ -278,6 +278,7 @@ def make_eval_step(config, model, mesh, state_shardings):
 
   def eval_fn(params, batch):
     images, labels = batch["image"], batch["label"]
+    check_batch_size(images.shape[0], mesh, what="The eval batch's size")
     mask = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
     logits = model.apply({"params": params}, normalize_images(images), train=False)
     top1 = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
