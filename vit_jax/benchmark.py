@@ -55,7 +55,7 @@ class RowSpec:
   num_classes: int = 1000
   warmup: int = 2
   runs: int = 5
-  train_step: str = "auto"  # 'auto' (vit_jax.train when present) | 'real' | 'local'
+  xla_flags: str = ""  # Extra XLA_FLAGS for this row's process.
 
   @property
   def label(self) -> str:
@@ -71,6 +71,8 @@ class RowSpec:
       parts.append(f"attn={self.attention}")
     if self.dtype != "float32":
       parts.append(self.dtype)
+    if self.xla_flags:
+      parts.append(self.xla_flags.replace("--xla_cpu_", ""))
     return " ".join(parts)
 
 
@@ -78,16 +80,23 @@ class RowSpec:
 # Measuring, inside the row's own process.
 
 
-def _median_seconds(fn, *, warmup: int, runs: int) -> float:
-  """Median wall time of `fn()` (which must block until done) after `warmup` calls."""
+def _median_seconds(fn, *, warmup: int, runs: int) -> tuple[Optional[float], Optional[float]]:
+  """Median (wall, CPU) seconds of `fn()` (which must block until done) after `warmup` calls.
+
+  CPU seconds (of all this process's threads) are much steadier than wall time on a shared
+  machine. With runs=0 nothing runs and both are None (compile-only rows).
+  """
+  if runs == 0:
+    return None, None
   for _ in range(warmup):
     fn()
-  times = []
+  wall, cpu = [], []
   for _ in range(runs):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return statistics.median(wall), statistics.median(cpu)
 
 
 def host_peak_gb() -> float:
@@ -109,7 +118,7 @@ def matmul_peak_gflops(size: int = 2048, runs: int = 5) -> float:
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
   matmul = jax.jit(lambda x, y: x @ y)
-  seconds = _median_seconds(lambda: matmul(a, a).block_until_ready(), warmup=2, runs=runs)
+  seconds, _ = _median_seconds(lambda: matmul(a, a).block_until_ready(), warmup=2, runs=runs)
   return 2 * size**3 / seconds / 1e9
 
 
@@ -179,90 +188,38 @@ def _jax_inference(spec: RowSpec, mesh) -> dict:
   params = init(jax.random.PRNGKey(0), batch["image"])["params"]
   forward = jax.jit(lambda p, x: model.apply({"params": p}, normalize_images(x)))
   compiled, compile_s = _timed_compile(forward, params, batch["image"])
-  seconds = _median_seconds(lambda: compiled(params, batch["image"]).block_until_ready(),
-                            warmup=spec.warmup, runs=spec.runs)
-  return dict(seconds=seconds, compile_s=compile_s, **_compiled_stats(compiled, mesh.size))
-
-
-def _train_module():
-  """`vit_jax.train` when it exists, else None."""
-  try:
-    from vit_jax import train
-  except ImportError:
-    return None
-  return train if hasattr(train, "make_train_step") else None
+  seconds, cpu_seconds = _median_seconds(
+      lambda: compiled(params, batch["image"]).block_until_ready(),
+      warmup=spec.warmup, runs=spec.runs)
+  return dict(seconds=seconds, cpu_seconds=cpu_seconds, compile_s=compile_s, **_compiled_stats(compiled, mesh.size))
 
 
 def _train_config(spec: RowSpec):
   """A training config for `vit_jax.train` describing this row (fine-tuning recipe)."""
-  import ml_collections
+  from configs import common
   from vit_jax import models
-  try:
-    from configs import common
-    config = common.get_config()
-  except ImportError:
-    config = ml_collections.ConfigDict()
+  config = common.get_config()
   model_config = models.get_config(spec.model)
   model_config.update(dtype=spec.dtype, scan=spec.scan, remat_policy=spec.remat,
                       attention_impl=spec.attention, image_size=spec.resolution)
+  config.model = model_config
   config.update(dict(
-      model=model_config, num_classes=spec.num_classes, seed=0, batch_size=spec.batch,
-      eval_batch_size=spec.batch, total_steps=1000, warmup_steps=10,
-      optimizer=spec.optimizer, lr=1e-3, momentum=0.9, b1=0.9, b2=0.999, weight_decay=0.0,
-      grad_clip_norm=1.0, schedule="cosine", loss="softmax_xent", label_smoothing=0.0,
-      accum_steps=1, mesh=[("data", -1)], fsdp=False, init_from=None))
-  config.pp = config.get("pp") or ml_collections.ConfigDict()
+      num_classes=spec.num_classes, batch_size=spec.batch, eval_batch_size=spec.batch,
+      total_steps=1000, warmup_steps=10, optimizer=spec.optimizer, lr=1e-3,
+      grad_clip_norm=1.0, accum_steps=1, mesh=[("data", -1)], fsdp=False))
   config.pp.crop = spec.resolution
   return config
 
 
-def _real_train_step(spec: RowSpec, mesh, model, batch):
-  """(step_fn, state) from the project's `vit_jax.train`."""
-  import jax
-  train = _train_module()
-  config = _train_config(spec)
-  state, shardings = train.create_train_state(config, model, mesh, rng=jax.random.PRNGKey(0))
-  return train.make_train_step(config, model, mesh, shardings), state
-
-
-def _local_train_step(spec: RowSpec, mesh, model, batch):
-  """(step_fn, state): a plain jitted softmax-xent step, for when vit_jax.train is absent."""
-  import jax
-  import optax
-  from jax.sharding import NamedSharding, PartitionSpec
-  from vit_jax.data.images import normalize_images
-  tx = optax.adam(1e-3) if spec.optimizer == "adam" else optax.sgd(1e-3, momentum=0.9)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def init(rng, images):
-    params = model.init(rng, normalize_images(images))["params"]
-    return params, tx.init(params), rng
-
-  def step(state, batch):
-    params, opt_state, rng = state
-    rng, dropout_rng = jax.random.split(rng)
-
-    def loss_fn(p):
-      logits = model.apply({"params": p}, normalize_images(batch["image"]), train=True,
-                           rngs={"dropout": dropout_rng})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, rng), {"loss": loss}
-
-  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(0), batch["image"])
-  return jax.jit(step, donate_argnums=0), state
-
-
 def _jax_train(spec: RowSpec, mesh) -> dict:
-  """Compiles and times one optimizer step (forward, backward, update) per call."""
+  """Compiles and times `vit_jax.train`'s step (forward, backward, update) per call."""
   import jax
+  from vit_jax import train
   model = _make_model(spec)
   batch = _random_batch(spec, mesh)
-  use_real = spec.train_step == "real" or (spec.train_step == "auto" and _train_module())
-  make = _real_train_step if use_real else _local_train_step
-  step_fn, state = make(spec, mesh, model, batch)
+  config = _train_config(spec)
+  state, shardings = train.create_train_state(config, model, mesh, rng=jax.random.PRNGKey(0))
+  step_fn = train.make_train_step(config, model, mesh, shardings)
   compiled, compile_s = _timed_compile(step_fn, state, batch)
   holder = [state]
 
@@ -270,8 +227,8 @@ def _jax_train(spec: RowSpec, mesh) -> dict:
     holder[0], metrics = compiled(holder[0], batch)
     jax.block_until_ready(metrics)
 
-  seconds = _median_seconds(run, warmup=spec.warmup, runs=spec.runs)
-  return dict(seconds=seconds, compile_s=compile_s, train_step="real" if use_real else "local",
+  seconds, cpu_seconds = _median_seconds(run, warmup=spec.warmup, runs=spec.runs)
+  return dict(seconds=seconds, cpu_seconds=cpu_seconds, compile_s=compile_s,
               **_compiled_stats(compiled, mesh.size))
 
 
@@ -302,13 +259,17 @@ def _timm_row(spec: RowSpec) -> dict:
       opt.zero_grad(set_to_none=True)
       torch.nn.functional.cross_entropy(model(images), labels).backward()
       opt.step()
-  return dict(seconds=_median_seconds(run, warmup=spec.warmup, runs=spec.runs))
+  seconds, cpu_seconds = _median_seconds(run, warmup=spec.warmup, runs=spec.runs)
+  return dict(seconds=seconds, cpu_seconds=cpu_seconds)
 
 
 def measure_row(spec: RowSpec, peak_gflops: Optional[float] = None) -> dict:
   """Runs one row in this process and returns its result dict (see `COLUMNS`)."""
   if spec.mode not in MODES:
     raise ValueError(f"Unknown mode {spec.mode!r}; choose one of {MODES}.")
+  if spec.xla_flags and spec.xla_flags not in os.environ.get("XLA_FLAGS", ""):
+    raise ValueError(f"xla_flags={spec.xla_flags!r} only take effect in a fresh process: "
+                     "run the row isolated (drop --no-isolate) or export XLA_FLAGS.")
   if spec.framework == "timm":
     result = _timm_row(spec)
   elif spec.framework == "jax":
@@ -323,11 +284,14 @@ def measure_row(spec: RowSpec, peak_gflops: Optional[float] = None) -> dict:
     result["device_peak_gb"] = device_peak_gb()
   else:
     raise ValueError(f"Unknown framework {spec.framework!r}; choose one of {FRAMEWORKS}.")
+  seconds = result["seconds"]
   result.update(spec=dataclasses.asdict(spec), label=spec.label,
-                img_per_s=spec.batch / result["seconds"], host_peak_gb=host_peak_gb())
+                img_per_s=spec.batch / seconds if seconds else None,
+                img_per_cpu_s=spec.batch / result["cpu_seconds"] if seconds else None,
+                host_peak_gb=host_peak_gb())
   if "flops" in result:
     result["gflop_per_img"] = result["flops"] / spec.batch / 1e9
-    if peak_gflops:
+    if peak_gflops and seconds:
       result["peak_fraction"] = result["flops"] / result["seconds"] / 1e9 / peak_gflops
   return result
 
@@ -336,7 +300,10 @@ def _row_in_subprocess(spec: RowSpec, peak_gflops: Optional[float]) -> dict:
   """`measure_row` in a fresh Python process, so its peak memory is its own."""
   cmd = [sys.executable, "-m", "vit_jax.benchmark", "--_row",
          json.dumps(dataclasses.asdict(spec)), "--_peak", str(peak_gflops or 0)]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  env = dict(os.environ)
+  if spec.xla_flags:
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {spec.xla_flags}".strip()
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if proc.returncode:
     raise RuntimeError(f"Benchmark row {spec} failed (exit {proc.returncode}):\n"
                        f"{proc.stderr[-3000:]}")
@@ -356,6 +323,8 @@ COLUMNS = (
     ("dev", "devices", "{}"),
     ("img/s", "img_per_s", "{:.2f}"),
     ("vs timm", "vs_timm", "{:.2f}x"),
+    ("img/CPU-s", "img_per_cpu_s", "{:.2f}"),
+    ("vs timm (CPU)", "vs_timm_cpu", "{:.2f}x"),
     ("compile s", "compile_s", "{:.1f}"),
     ("GFLOP/img", "gflop_per_img", "{:.2f}"),
     ("% peak", "peak_fraction", "{:.0%}"),
@@ -379,21 +348,25 @@ def format_table(results: list[dict]) -> str:
 
 
 def add_timm_ratios(results: list[dict]) -> None:
-  """Sets `vs_timm` (our img/s over timm's) on our rows that have a timm row alike."""
+  """Sets `vs_timm` (our img/s over timm's) and `vs_timm_cpu` (same per CPU-second)."""
   def key(r):
     s = r["spec"]
     return (s["model"], s["mode"], s["batch"], s["resolution"])
-  timm = {key(r): r["img_per_s"] for r in results if r["spec"]["framework"] == "timm"}
+  timm = {key(r): r for r in results
+          if r["spec"]["framework"] == "timm" and r.get("img_per_s")}
   for r in results:
-    if r["spec"]["framework"] == "jax" and key(r) in timm:
-      r["vs_timm"] = r["img_per_s"] / timm[key(r)]
+    other = timm.get(key(r))
+    if r["spec"]["framework"] == "jax" and other and r.get("img_per_s"):
+      r["vs_timm"] = r["img_per_s"] / other["img_per_s"]
+      if r.get("img_per_cpu_s") and other.get("img_per_cpu_s"):
+        r["vs_timm_cpu"] = r["img_per_cpu_s"] / other["img_per_cpu_s"]
 
 
 def _median_of_rounds(rounds: list[list[dict]]) -> list[dict]:
   """Per row, the round with the median img/s (so every column comes from one run)."""
   merged = []
   for repeats in zip(*rounds):
-    ordered = sorted(repeats, key=lambda r: r["img_per_s"])
+    ordered = sorted(repeats, key=lambda r: r["img_per_s"] or -r.get("compile_s", 0))
     merged.append(ordered[len(ordered) // 2])
   return merged
 
@@ -407,7 +380,7 @@ def build_specs(args) -> list[RowSpec]:
         specs.append(RowSpec(model=model, mode=mode, batch=args.batch,
                              resolution=args.resolution, dtype=args.dtype,
                              devices=args.devices, optimizer=args.optimizer,
-                             warmup=args.warmup, runs=args.runs, train_step=args.train_step,
+                             warmup=args.warmup, runs=args.runs,
                              **variant))
       if args.compare == "timm":
         specs.append(RowSpec(model=model, mode=mode, framework="timm", batch=args.batch,
@@ -418,10 +391,11 @@ def build_specs(args) -> list[RowSpec]:
 
 def _variants(args) -> list[dict]:
   """Each combination of --scan, --remat and --attention values."""
-  return [dict(scan=scan, remat=remat, attention=attention)
+  return [dict(scan=scan, remat=remat, attention=attention, xla_flags=flags.strip())
           for scan in [s == "true" for s in args.scan.split(",")]
           for remat in args.remat.split(",")
-          for attention in args.attention.split(",")]
+          for attention in args.attention.split(",")
+          for flags in args.xla_flags.split("|")]
 
 
 def run_benchmark(specs: list[RowSpec], *, rounds: int = 1, isolate: bool = True,
@@ -436,13 +410,19 @@ def run_benchmark(specs: list[RowSpec], *, rounds: int = 1, isolate: bool = True
     results = []
     for spec in specs:
       result = _row_in_subprocess(spec, peak) if isolate else measure_row(spec, peak)
+      speed = result["img_per_s"]
       log(f"round {i + 1}/{rounds} {spec.model} {spec.mode} {spec.label}: "
-          f"{result['img_per_s']:.2f} img/s")
+          + (f"{speed:.2f} img/s" if speed else f"compiled in {result['compile_s']:.1f} s"))
       results.append(result)
     all_rounds.append(results)
   results = _median_of_rounds(all_rounds)
+  # The machine may be shared: take the better of the peaks measured before and after.
+  peak = max(peak, matmul_peak_gflops())
+  log(f"matmul peak after the rows: {peak:.1f} GFLOP/s (best of both)")
   for r in results:
     r["matmul_peak_gflops"] = peak
+    if r.get("flops") and r.get("seconds"):
+      r["peak_fraction"] = r["flops"] / r["seconds"] / 1e9 / peak
   add_timm_ratios(results)
   return results
 
@@ -461,12 +441,13 @@ def _parse_args(argv):
   p.add_argument("--remat", default="none", help="comma-separated jax.checkpoint_policies")
   p.add_argument("--attention", default="xla", help="comma-separated: xla,dot_product,cudnn")
   p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-  p.add_argument("--train-step", default="auto", choices=("auto", "real", "local"),
-                 help="'real': vit_jax.train; 'local': a plain step; 'auto': real if present")
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--runs", type=int, default=5, help="timed steps per row (median)")
+  p.add_argument("--runs", type=int, default=5,
+                 help="timed steps per row (median); 0: compile only")
   p.add_argument("--rounds", type=int, default=1, help="repeat all rows; median per row")
   p.add_argument("--compare", default="", choices=("", "timm"))
+  p.add_argument("--xla-flags", default="",
+                 help="'|'-separated alternatives of extra XLA_FLAGS, one row each")
   p.add_argument("--json", default="", help="also write the rows to this file")
   p.add_argument("--no-isolate", action="store_true",
                  help="run rows in this process (host peak memory then only grows)")
