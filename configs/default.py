@@ -30,9 +30,9 @@ def get_config(arg=None):
   c.pp.flip = False  # A mirrored 2 is not a 2.
   c.batch_size, c.eval_batch_size = 128, 360
   c.optimizer, c.lr, c.b1, c.b2, c.weight_decay = "adam", 2e-3, 0.9, 0.999, 1e-4
-  c.schedule, c.warmup_steps, c.total_steps = "cosine", 100, 1500
+  c.schedule, c.warmup_steps, c.total_steps = "cosine", 100, 1000
   c.grad_clip_norm = 1.0
   c.label_smoothing = 0.0
-  c.log_every, c.eval_every, c.checkpoint_every = 50, 500, 500
+  c.log_every, c.eval_every, c.checkpoint_every = 50, 250, 250
   c.keep_checkpoints = 2
   return c
