@@ -83,8 +83,7 @@ def _parse_mesh(text: str):
 
 def _worker(args):
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding, train  # pylint: disable=g-import-not-at-top
 
   config = make_config(fsdp=True, fsdp_min_size=1024, mesh=_parse_mesh(args.mesh))
   config.distributed = sharding.default_distributed_config()
@@ -105,7 +104,7 @@ def _worker(args):
 
   mesh = sharding.make_mesh(config.mesh)
   losses, state = run_steps(config, mesh, local_batch, args.steps)
-  params = multihost_utils.process_allgather(state.params, tiled=True)
+  params = train.to_host(state.params)
   dense0 = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
   np.savez(os.path.join(args.out, f"process_{args.process_id}.npz"),
            losses=np.asarray(losses), global_devices=jax.device_count(),

@@ -25,7 +25,7 @@ def _one_step(config, params, batch):
   state, shardings = train.create_train_state(config, model, mesh, rng=0, init_params=params)
   step_fn = train.make_train_step(config, model, mesh, shardings)
   state, metrics = step_fn(state, _on_mesh(batch, mesh))
-  return jax.device_get(metrics), flatten(jax.device_get(state.params))
+  return jax.device_get(metrics), flatten(train.to_host(state.params))
 
 
 @pytest.fixture(scope="module")

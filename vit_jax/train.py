@@ -187,6 +187,19 @@ def create_train_state(config, model, mesh, *, rng, init_params=None):
   return build(rng, params), shardings
 
 
+def to_host(tree):
+  """jax.Arrays -> numpy arrays with the full values, on every process.
+
+  Unlike `jax.device_get`, works for arrays split over several processes (FSDP or tensor
+  parallel on multiple hosts). With several processes it is a collective: every process
+  must call it, with the same tree.
+  """
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 # ---------------------------------------------------------------------------- the steps
 
 def check_batch_size(batch_size: int, mesh, accum_steps: int = 1, what="config.batch_size"):
