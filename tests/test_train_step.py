@@ -183,6 +183,16 @@ def test_adamw_decays_only_kernels():
   np.testing.assert_allclose(updates["norm"]["scale"], 0.0)
 
 
+def test_sgd_weight_decay_is_l2_on_kernels():
+  tx = optim.make_optimizer(make_config(optimizer="sgd", lr=0.1, momentum=0.9,
+                                        weight_decay=0.01, total_steps=10))
+  params = _params()
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params),
+                         params)
+  np.testing.assert_allclose(updates["dense"]["kernel"], -1e-3 * np.ones((2, 2)))
+  np.testing.assert_allclose(updates["dense"]["bias"], 0.0)
+
+
 def test_sgd_clips_at_global_norm():
   config = make_config(optimizer="sgd", lr=0.1, momentum=0.9, total_steps=10,
                        grad_clip_norm=1.0)

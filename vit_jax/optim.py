@@ -7,11 +7,12 @@ Fine-tuning: SGD with momentum 0.9, no weight decay, warmup then cosine decay
 `grad_clip_norm` (1.0 in the paper; 0 or None turns clipping off).
 
 Weight decay:
-  - adam: decoupled (AdamW) as in optax: each step subtracts lr(t) * weight_decay * w, so
-    `weight_decay=0.1` with the schedule's lr is the paper's setting (big_vision writes the
-    same as wd=lr*0.1 without the lr factor). It applies to kernels only (Dense and Conv
-    weights, names ending in 'kernel'); biases, LayerNorm/GroupNorm scales, `cls` and
-    position embeddings are not decayed, as in big_vision.
+  - adam: decoupled (AdamW) as in optax: each step subtracts lr(t) * weight_decay * w,
+    so the paper's 0.1 with lr 1e-3 shrinks weights by 1e-4 per step at the peak lr.
+    It applies to kernels only (Dense and Conv weights, names ending in 'kernel');
+    biases, LayerNorm/GroupNorm scales, `cls` and position embeddings are not decayed
+    (big_vision's default): pulling normalisation scales and embeddings towards 0 is
+    rarely wanted.
   - sgd: classic L2 (weight_decay * w added to the gradient before momentum), on the same
     kernel-only mask. The reference fine-tuning uses 0.
 """
