@@ -225,6 +225,9 @@ def test_truncated_npz_gives_clear_error(tmp_path, tiny):
   (tmp_path / "t.npz").write_bytes(data[: len(data) // 2])
   with pytest.raises(CheckpointError, match="truncated"):
     checkpoint.load_npz(tmp_path / "t.npz")
+  (tmp_path / "n.npz").write_bytes(b"<html>404 Not Found</html>")
+  with pytest.raises(CheckpointError, match="not an .npz"):
+    checkpoint.load_npz(tmp_path / "n.npz")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.load_npz(tmp_path / "missing.npz")
 

@@ -75,6 +75,9 @@ def read_npz(path) -> dict[str, np.ndarray]:
   if not path.exists():
     raise FileNotFoundError(f"Checkpoint file {path} does not exist.")
   data = path.read_bytes()
+  if not data.startswith(b"PK"):
+    raise CheckpointError(f"{path} is not an .npz (zip) file (it starts with {data[:8]!r}); "
+                          "pass a checkpoint written by np.savez / save_npz.")
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
       return {key: npz[key] for key in npz.files}
@@ -311,7 +314,8 @@ def read_params(path) -> dict:
   """Params from an `.npz` file or an Orbax directory (see `restore_params`), as numpy."""
   path = epath.Path(path)
   if path.is_dir():
-    return restore_params(path)
+    # Same layouts as .npz files (e.g. scanned blocks, a 'params' level).
+    return unflatten(normalize_npz(flatten(restore_params(path))))
   if not path.exists():
     raise FileNotFoundError(f"No checkpoint at {path} (expected an .npz file or an Orbax "
                             "directory).")

@@ -127,8 +127,7 @@ class TrainCheckpointer:
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be at least 1, got {max_to_keep}.")
     self.directory = _abs(directory)
-    self.best_metric = best_metric
-    self.best_mode = best_mode
+    self.best_metric, self.best_mode = best_metric, best_mode
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -145,8 +144,11 @@ class TrainCheckpointer:
                        _DATA: ocp.JsonCheckpointHandler()})
 
   def _metric(self, metrics) -> float:
+    """The ranking value; a checkpoint without the metric ranks worst."""
     value = metrics.get(self.best_metric)
-    return float("-inf") if value is None else float(value)
+    if value is None:
+      return float("inf") if self.best_mode == "min" else float("-inf")
+    return float(value)
 
   def save(self, step: int, state, *, data_state=None, metrics: Optional[dict] = None,
            force: bool = False) -> bool:
@@ -173,7 +175,7 @@ class TrainCheckpointer:
     scored = [(self._metric(self._manager.metrics(step) or {}), step)
               for step in self.all_steps()]
     scored = [(-m if self.best_mode == "min" else m, step) for m, step in scored
-              if m != float("-inf")]
+              if np.isfinite(m)]
     return max(scored)[1] if scored else None
 
   def restore(self, abstract_state, step: Optional[int] = None) -> tuple[Any, Any]:
