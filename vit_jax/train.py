@@ -226,6 +226,32 @@ def _microbatches(x, accum: int, mesh):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _loss_and_grads_fn(model, loss_fn, param_shardings):
+  """(params, uint8 images, labels, rng) -> (mean loss, grads laid out like the params)."""
+  def loss_and_grads(params, images, labels, rng):
+    def loss(p):
+      logits = model.apply({"params": p}, normalize_images(images), train=True,
+                           rngs={"dropout": rng})
+      return jnp.mean(loss_fn(logits, labels))
+    value, grads = jax.value_and_grad(loss)(params)
+    return value, jax.lax.with_sharding_constraint(grads, param_shardings)
+  return loss_and_grads
+
+
+def _accumulate(loss_and_grads, params, images, labels, rng, accum: int, mesh):
+  """Mean loss and grads over `accum` equal micro-batches, one at a time (lax.scan)."""
+  def body(carry, micro):
+    index, imgs, lbls = micro
+    value, grads = loss_and_grads(params, imgs, lbls, jax.random.fold_in(rng, index))
+    return (carry[0] + value, jax.tree_util.tree_map(jnp.add, carry[1], grads)), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  micro = (jnp.arange(accum), _microbatches(images, accum, mesh),
+           _microbatches(labels, accum, mesh))
+  (total, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+  return total / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
+
+
 def make_train_step(config, model, mesh, state_shardings):
   """A jitted `step_fn(state, batch) -> (state, metrics)`; the input state is donated.
 
@@ -238,35 +264,18 @@ def make_train_step(config, model, mesh, state_shardings):
   accum = config.get("accum_steps", 1)
   accum = 1 if accum is None else int(accum)
   check_batch_size(int(config.batch_size), mesh, accum)
-  loss_fn = make_loss_fn(config, model.num_classes)
   schedule, tx = optim.make_schedule(config), optim.make_optimizer(config)
-  param_shardings = state_shardings.params
-
-  def loss_and_grads(params, images, labels, rng):
-    def loss(p):
-      logits = model.apply({"params": p}, normalize_images(images), train=True,
-                           rngs={"dropout": rng})
-      return jnp.mean(loss_fn(logits, labels))
-    value, grads = jax.value_and_grad(loss)(params)
-    return value, jax.lax.with_sharding_constraint(grads, param_shardings)
-
-  def accumulated(params, images, labels, rng):
-    def body(carry, micro):
-      index, imgs, lbls = micro
-      value, grads = loss_and_grads(params, imgs, lbls, jax.random.fold_in(rng, index))
-      return (carry[0] + value, jax.tree_util.tree_map(jnp.add, carry[1], grads)), None
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    micro = (jnp.arange(accum), _microbatches(images, accum, mesh),
-             _microbatches(labels, accum, mesh))
-    (total, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
-    return total / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
+  loss_and_grads = _loss_and_grads_fn(model, make_loss_fn(config, model.num_classes),
+                                      state_shardings.params)
 
   def step(state, batch):
     images, labels = batch["image"], batch["label"]
     check_batch_size(images.shape[0], mesh, accum, what="The batch's size")
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = loss_and_grads if accum == 1 else accumulated
-    loss, grads = grad_fn(state.params, images, labels, rng)
+    if accum == 1:
+      loss, grads = loss_and_grads(state.params, images, labels, rng)
+    else:
+      loss, grads = _accumulate(loss_and_grads, state.params, images, labels, rng, accum, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
