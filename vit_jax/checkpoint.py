@@ -95,9 +95,10 @@ def read_npz(path) -> dict[str, np.ndarray]:
 
 
 def _strip_prefix(flat: dict) -> dict:
+  """The model's arrays without `opt/target/` or `params/` (other train-state keys dropped)."""
   for prefix in _PREFIXES:
-    if flat and all(k.startswith(prefix) for k in flat):
-      return {k[len(prefix):]: v for k, v in flat.items()}
+    if f"{prefix}embedding/kernel" in flat or flat and all(k.startswith(prefix) for k in flat):
+      return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
   return flat
 
 
@@ -173,17 +174,33 @@ def load_npz(path) -> dict:
   return unflatten(normalize_npz(flat))
 
 
+def _to_host(x) -> np.ndarray:
+  """A numpy copy of `x`, gathering arrays sharded over several processes."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def save_npz(path, params) -> None:
-  """Writes params (per-layer or scanned, optionally under 'params') in the reference layout."""
+  """Writes params (per-layer or scanned, optionally under 'params') in the reference layout.
+
+  Every process must call it (sharded arrays are gathered); process 0 writes. The file
+  appears complete or not at all (written under a temporary name, then renamed).
+  """
   if set(params) == {"params"}:
     params = params["params"]
   params = layout.scan_to_unrolled(params) if "Transformer" in params else params
-  flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
+  flat = {k: _to_host(v) for k, v in flatten(params).items()}
+  if jax.process_index() != 0:
+    return
   buffer = io.BytesIO()
   np.savez(buffer, **flat)
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(buffer.getvalue())
+  partial = path.parent / f".{path.name}.partial"
+  partial.write_bytes(buffer.getvalue())
+  partial.replace(path)
 
 
 # ----------------------------------------------------------------------------- resampling
