@@ -13,14 +13,16 @@ import fnmatch
 import io
 import re
 import zipfile
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import scipy.ndimage
 from etils import epath
 
+from vit_jax.checkpoints import CheckpointError
+from vit_jax.checkpoints.orbax_io import (
+    TrainCheckpointer, place_like, restore_params, save_params)
 from vit_jax.models import layout
 
 RESAMPLE_METHODS = ("zoom", "bilinear", "bicubic")
@@ -34,9 +36,6 @@ _OLD_BLOCK_NAMES = {
 }
 _POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
 _PREFIXES = ("opt/target/", "params/")
-
-
-from vit_jax.checkpoints import CheckpointError
 
 
 # ----------------------------------------------------------------------------- trees
@@ -251,7 +250,7 @@ def resample_grid(grid: np.ndarray, new_grid: tuple[int, int], method: str = "zo
 
 def resample_posemb(posemb, new_grid: tuple[int, int], num_prefix_tokens: int,
                     method: str = "zoom") -> np.ndarray:
-  """Position embeddings [1, prefix + old_rows * old_cols, dim] -> the new square-or-not grid.
+  """Position embeddings [1, prefix + side * side, dim] -> [1, prefix + rows * cols, dim].
 
   The first `num_prefix_tokens` rows (the class token's) are kept as they are; the rest
   must form a square grid (as in every published checkpoint).
@@ -318,15 +317,6 @@ def _mismatch_report(restored: dict, init_flat: dict, allow: Sequence[str]) -> l
   return lines
 
 
-def _place_like(value: np.ndarray, like):
-  """`value` cast to `like`'s dtype, on `like`'s sharding when it has one."""
-  value = np.asarray(value, dtype=like.dtype)
-  sharding = getattr(like, "sharding", None)
-  if sharding is None:
-    return value
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
 def read_params(path) -> dict:
   """Params from an `.npz` file or an Orbax directory (see `restore_params`), as numpy."""
   path = epath.Path(path)
@@ -377,7 +367,7 @@ def load_pretrained(path, init_params, model_config, *, resample: str = "zoom",
         + "\n".join(problems) + "\nCheck that the model config matches the checkpoint "
         "(size, patch, classifier, representation_size), or pass allow_mismatch=[patterns] "
         "for keys that should keep their fresh initialisation.")
-  params = {k: _place_like(restored[k], like) if k in restored and
+  params = {k: place_like(restored[k], like) if k in restored and
             tuple(restored[k].shape) == _leaf_shape(like) else _fresh(k, like, model_config)
             for k, like in init_flat.items()}
   params = unflatten(params)
@@ -391,9 +381,9 @@ def _fresh(key: str, like, model_config):
   if not isinstance(like, jax.ShapeDtypeStruct):
     return like
   if key == "head/kernel":
-    return _place_like(np.zeros(like.shape), like)
+    return place_like(np.zeros(like.shape), like)
   if key == "head/bias":
-    return _place_like(np.full(like.shape, _cfg(model_config, "head_bias_init", 0.0)), like)
+    return place_like(np.full(like.shape, _cfg(model_config, "head_bias_init", 0.0)), like)
   raise CheckpointError(f"'{key}' is not taken from the checkpoint, and init_params only "
                         "gives its shape: pass initialised (concrete) init_params.")
 
@@ -414,14 +404,9 @@ def _stack_blocks(params, init):
   blocks = [params["Transformer"].pop(f"encoderblock_{i}") for i in range(n)]
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)
   params["Transformer"]["encoderblock"] = jax.tree.map(
-      _place_like, stacked, init["Transformer"]["encoderblock"])
+      place_like, stacked, init["Transformer"]["encoderblock"])
   return params
 
-
-# ----------------------------------------------------------------------------- Orbax
-
-from vit_jax.checkpoints.orbax_io import (  # noqa: E402  (own module, for size)
-    TrainCheckpointer, restore_params, save_params)
 
 __all__ = ["CheckpointError", "RESAMPLE_METHODS", "TrainCheckpointer", "flatten",
            "load_npz", "load_pretrained", "normalize_npz", "read_npz", "read_params",

@@ -75,7 +75,7 @@ def restore_params(directory, target=None):
       tree = _numpy_restore(path)
       params = tree["params"] if in_state else tree
       if target is not None:
-        params = jax.tree.map(_put_like, params, target)
+        params = jax.tree.map(place_like, params, target)
       return params
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(path, jax.tree.map(_abstract, target))
@@ -91,7 +91,8 @@ def _abstract(leaf):
   return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
 
 
-def _put_like(value, like):
+def place_like(value, like):
+  """`value` (host array) cast to `like`'s dtype, on `like`'s sharding when it has one."""
   value = np.asarray(value, like.dtype)
   sharding = getattr(like, "sharding", None)
   if sharding is None:
