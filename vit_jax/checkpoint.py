@@ -13,7 +13,7 @@ import fnmatch
 import io
 import re
 import zipfile
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
