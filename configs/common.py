@@ -88,7 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.accum_steps = 1  # Gradient accumulation micro-batches per step (for memory).
 
   # Devices.
-  c.mesh = [("data", -1)]  # e.g. [('data', 4), ('model', 2)]; -1 = the remaining devices.
+  # (axis, size) pairs; -1 = the remaining devices. On the command line:
+  # --config.mesh="(('data', 4), ('model', 2))".
+  c.mesh = (("data", -1),)
   c.fsdp = False  # Shard parameters and optimizer state over the batch axes too.
   # Multi-host: mode auto | on | off, or an explicit coordinator (see vit_jax/sharding.py).
   c.distributed = sharding.default_distributed_config()

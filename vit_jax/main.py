@@ -7,6 +7,7 @@ Without --config it runs the embedded default job (a small ViT on the digits dat
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -20,49 +21,106 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "default.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Training config file (configs/*.py), optionally "
-    "with an argument after ':', e.g. configs/vit_b16.py:cifar100.", lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and plots (default: "
-    "./workdir/<config file name>). An existing one is resumed.")
+_CONFIG = None
+_WORKDIR = None
 
 
-def default_workdir(config_path: str) -> str:
+def _define_flags():
+  """Defines --config and --workdir (config_flags reads the overrides from sys.argv)."""
+  global _CONFIG, _WORKDIR
+  if "config" in flags.FLAGS:
+    return
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Training config file (configs/*.py), optionally with an "
+      "argument after ':', e.g. configs/vit_b16.py:cifar100.", lock_config=True)
+  _WORKDIR = flags.DEFINE_string(
+      "workdir", None, "Directory for checkpoints, metrics and plots (default: "
+      "./workdir/<config file name>). An existing one is resumed.")
+
+
+def config_argument(argv) -> str:
+  """The --config value in `argv` (last one wins), or the default config file."""
+  value = DEFAULT_CONFIG
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def load_config(spec: str):
+  """`path[:arg]` -> that file's get_config(arg); ValueError if the file is missing."""
+  path, sep, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    available = sorted(n for n in os.listdir(CONFIGS_DIR) if n.endswith(".py")) \
+        if os.path.isdir(CONFIGS_DIR) else []
+    raise ValueError(f"--config={spec}: config file {path!r} does not exist. Config files "
+                     f"in {CONFIGS_DIR}: {', '.join(available)}.")
+  module_spec = importlib.util.spec_from_file_location("_vit_jax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if sep else module.get_config()
+
+
+def check_overrides(argv, config) -> None:
+  """ValueError naming the first --config.a.b override whose field does not exist."""
+  for arg in argv[1:]:
+    for prefix in ("--config.", "--noconfig."):
+      if arg.startswith(prefix):
+        _check_path(arg[len(prefix):].split("=", 1)[0], config)
+
+
+def _check_path(path: str, config) -> None:
+  node, walked = config, "config"
+  for key in path.split("."):
+    if not hasattr(node, "keys") or key not in node.keys():
+      fields = sorted(node.keys()) if hasattr(node, "keys") else []
+      hint = f" Fields of {walked}: {', '.join(fields)}." if fields else \
+          f" {walked} is a value, not a group of fields."
+      raise ValueError(f"--config.{path}: the config has no field {walked}.{key}.{hint}")
+    node, walked = node[key], f"{walked}.{key}"
+
+
+def default_workdir(config_spec: str) -> str:
   """./workdir/default for configs/default.py; ./workdir/vit_b16_cifar100 for vit_b16.py:cifar100."""
-  path, _, arg = config_path.partition(":")
+  path, _, arg = config_spec.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   if arg:
     name += "_" + "_".join(p.strip() for p in arg.split(",") if p.strip())
   return os.path.join(".", "workdir", name)
 
 
-def _config_path() -> str:
-  return flags.FLAGS["config"].config_filename or DEFAULT_CONFIG
-
-
-def main(argv):
+def main(argv) -> int:
+  """Trains the parsed config; returns the exit status (1 for a bad input or divergence)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; config fields are set with "
                          "--config.FIELD=VALUE.")
   platform.configure_cpu_devices()  # Before anything initialises the JAX backends.
   config = _CONFIG.value
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-  sharding.initialize_distributed(config)
   from vit_jax import trainer  # pylint: disable=g-import-not-at-top
-  workdir = _WORKDIR.value or default_workdir(_config_path())
-  print(f"Config {_config_path()}, workdir {os.path.abspath(workdir)}", flush=True)
+  spec = config_argument(sys.argv)
+  workdir = _WORKDIR.value or default_workdir(spec)
+  print(f"Config {spec}, workdir {os.path.abspath(workdir)}", flush=True)
   try:
-    summary = trainer.train_and_evaluate(config, workdir)
+    sharding.initialize_distributed(config)
+    trainer.train_and_evaluate(config, workdir)
   except (ValueError, FileNotFoundError, trainer.TrainingDivergedError) as e:
-    # Errors about the user's input or a diverged run: the message says what to do, so
-    # no traceback. Anything else is a bug and keeps its traceback.
+    # Bad input or a diverged run: the message says what to do, a traceback would not.
     print(f"Error: {e}", file=sys.stderr, flush=True)
     return 1
-  return 0 if summary is not None else 1
+  return 0
 
 
 def run():
+  """Entry point: checks the config file and overrides, then parses flags and trains."""
+  try:
+    check_overrides(sys.argv, load_config(config_argument(sys.argv)))
+  except ValueError as e:
+    print(f"Error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  _define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
 
 

@@ -62,7 +62,7 @@ def make_mesh(config):
   except ValueError as e:
     raise ValueError(f"config.mesh={config.mesh!r} does not fit the {jax.device_count()} "
                      f"devices ({jax.devices()[0].platform}): {e} Set e.g. "
-                     "--config.mesh=\"[('data', -1)]\".") from e
+                     "--config.mesh=\"(('data', -1),)\".") from e
 
 
 def check_batch_sizes(config, mesh) -> None:
@@ -137,7 +137,7 @@ def _initial_state(config, model, mesh, init_path, report):
     return state, shardings
   report.info(f"Initialising from {init_path} (fresh head, position embeddings resampled "
               f"to the {config.model.image_size} px grid if needed).")
-  params = checkpoint.load_pretrained(init_path, jax.device_get(state.params), config.model,
+  params = checkpoint.load_pretrained(init_path, train.to_host(state.params), config.model,
                                       resample=config.get("resample_posemb", "zoom"))
   del state
   return train.create_train_state(config, model, mesh, rng=rng, init_params=params)
