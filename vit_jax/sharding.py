@@ -1,11 +1,11 @@
 """Device meshes, parameter shardings and multi-host start-up.
 
 Layouts (a `jax.sharding.Mesh` with named axes):
-  - data parallel (default): mesh [('data', -1)]; the batch is split over 'data', params
+  - data parallel (default): mesh (('data', -1),); the batch is split over 'data', params
     and optimizer state are replicated.
   - FSDP (`config.fsdp`): as above, but every large parameter (and its optimizer state)
     is split over the batch axes along its largest divisible dimension.
-  - tensor parallel: a 'model' axis, e.g. [('data', 4), ('model', 2)]. The MLP's Dense_0
+  - tensor parallel: a 'model' axis, e.g. (('data', 4), ('model', 2)). The MLP's Dense_0
     kernel is split by columns and Dense_1 by rows; the attention projections are split
     over heads (query/key/value kernels [dim, heads, head_dim] on axis 1, out kernel
     [heads, head_dim, dim] on axis 0). XLA inserts the all-reduces (Megatron-style).
@@ -27,7 +27,7 @@ MODEL_AXIS = "model"
 # Parameters smaller than this (elements) stay replicated under FSDP: sharding them saves
 # little memory and costs a collective each.
 DEFAULT_FSDP_MIN_SIZE = 2**14
-EXAMPLE_MESH_SPECS = "[('data', -1)] or [('data', 4), ('model', 2)]"
+EXAMPLE_MESH_SPECS = "(('data', -1),) or (('data', 4), ('model', 2))"
 
 # Tensor-parallel rules: (path regex, PartitionSpec of the parameter's trailing axes).
 # A leading layer axis (scan=True) is left unsplit.
@@ -42,7 +42,7 @@ _TP_RULES = (
 
 
 def _parse_mesh_spec(mesh_spec) -> list[tuple[str, int]]:
-  """[('data', -1), ...] (or 'data:-1,model:2' strings from the command line) -> pairs."""
+  """(('data', -1), ...) (or a 'data:-1,model:2' string) -> [(name, size), ...]."""
   if isinstance(mesh_spec, str):
     mesh_spec = [item.split(":") for item in mesh_spec.split(",") if item.strip()]
   try:
@@ -56,7 +56,7 @@ def _parse_mesh_spec(mesh_spec) -> list[tuple[str, int]]:
                      f"names, e.g. {EXAMPLE_MESH_SPECS}.")
   if names == [MODEL_AXIS]:
     raise ValueError(f"Mesh spec {mesh_spec!r} has no axis for the batch; add one, e.g. "
-                     f"[('data', -1), ('model', 2)].")
+                     f"(('data', -1), ('model', 2)).")
   return pairs
 
 
@@ -80,7 +80,7 @@ def _resolve_sizes(pairs, num_devices: int, mesh_spec) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_spec, devices: Sequence[Any] | None = None) -> Mesh:
-  """A `Mesh` from [(axis_name, size), ...]; one size may be -1 (= the rest).
+  """A `Mesh` from ((axis_name, size), ...); one size may be -1 (= the rest).
 
   Devices are laid out in process order, so the first axis ('data') is the one that
   crosses hosts and each host's devices hold a contiguous slice of the batch.
