@@ -126,6 +126,22 @@ def test_fsdp_and_tensor_parallel_combine_and_scan_keeps_layer_axis():
       None, "model", None, "data")
 
 
+@pytest.mark.parametrize("mesh_spec", [(("data", -1),), (("data", 4), ("model", 2))])
+def test_fsdp_divides_vit_h_train_state_over_the_devices(mesh_spec):
+  """ViT-H/14 (632M params, 1.9G with Adam's moments): each device holds about 1/8."""
+  config = make_config(optimizer="adam", weight_decay=0.1, fsdp=True)
+  config.model = models.get_config("ViT-H_14")
+  config.model.scan = True
+  model = models.from_config(config.model, 1000)
+  abstract = train.abstract_train_state(config, model, sharding.make_mesh(mesh_spec))
+  total = per_device = 0
+  for x in jax.tree_util.tree_leaves(abstract):
+    total += int(np.prod(x.shape))
+    per_device += int(np.prod(x.sharding.shard_shape(x.shape)))
+  assert 1.89e9 < total < 1.90e9
+  assert per_device < 1.01 * total / 8
+
+
 def test_tensor_parallel_needs_divisible_heads():
   params = _abstract_params()  # 2 heads
   mesh = sharding.make_mesh([("data", 2), ("model", 4)])
