@@ -87,7 +87,7 @@ def test_eval_batch_not_divisible_by_devices(tmp_path):
 
 def test_mesh_that_does_not_match_the_devices(tmp_path):
   workdir = str(tmp_path / "run")
-  with pytest.raises(ValueError, match=r"config.mesh=\[\('data', 3\)\] does not fit the 8 "
+  with pytest.raises(ValueError, match=r"config.mesh=\(\('data', 3\),\) does not fit the 8 "
                      r"devices.*needs 3 devices"):
     trainer.train_and_evaluate(tiny_config(mesh=[("data", 3)]), workdir)
   assert not os.path.exists(workdir)
