@@ -213,11 +213,112 @@ def _export_params(params, workdir) -> str:
 # --------------------------------------------------------------------------- the loop
 
 
+class _Loop:
+  """One run's state and pieces; `run()` trains from the current step to total_steps."""
+
+  def __init__(self, config, workdir, mesh, model, report, ckpt, train_iter, state,
+               shardings, resume_step):
+    self.config, self.workdir, self.mesh, self.report, self.ckpt = (
+        config, workdir, mesh, report, ckpt)
+    self.state = state
+    self.total = int(config.total_steps)
+    self.step = int(jax.device_get(state.step))
+    self.train_step = train.make_train_step(config, model, mesh, shardings)
+    self.eval_step = train.make_eval_step(config, model, mesh, shardings)
+    self.batches = data.prefetch_to_mesh(train_iter, mesh, size=config.get("prefetch", 2),
+                                         batch_axes=sharding.batch_axes(mesh))
+    self.buffer = _MetricsBuffer()
+    self.eval_metrics = None
+    self.best = _best_so_far(workdir, resume_step or 0)  # (accuracy, step)
+    self.last_saved = resume_step
+    self.preempted = False
+
+  def evaluate(self):
+    self.eval_metrics = evaluate(self.eval_step, self.state.params, self.config, self.mesh)
+    self.report.eval(self.step, self.eval_metrics, split=self.config.get("eval_split", "test"))
+    if self.best[0] is None or self.eval_metrics["accuracy"] > self.best[0]:
+      self.best = (self.eval_metrics["accuracy"], self.step)
+    self.report.pause_clock(self.step)
+
+  def save(self, metrics=None, force=False):
+    if self.last_saved != self.step:
+      self.ckpt.save(self.step, self.state, data_state=self.batches.get_state(),
+                     metrics=metrics, force=force)
+      self.last_saved = self.step
+
+  def _after_step(self):
+    """Logging, evaluation and checkpointing that fall due at this step."""
+    c, step, last = self.config, self.step, self.step == self.total
+    due_log = step % c.log_every == 0 or last
+    due_eval = (c.eval_every and step % c.eval_every == 0) or last
+    due_ckpt = step % c.checkpoint_every == 0 or last
+    if due_log or due_eval or due_ckpt:
+      self.buffer.check()  # Never evaluate or checkpoint a diverged state.
+    if due_log:
+      self.report.train(step, self.buffer.mean_and_reset())
+    if due_eval:
+      self.evaluate()
+    if due_ckpt:
+      self.save(metrics=self.eval_metrics if due_eval else None, force=last)
+
+  def run(self):
+    """Trains to total_steps, or until SIGTERM (then saves); waits for the last save."""
+    watcher = PreemptionWatcher(self.config.get("preemption_sync_every", 10))
+    finished_before = self.step >= self.total
+    try:
+      while self.step < self.total:
+        if watcher.should_stop(self.step):
+          self.preempted = True
+          break
+        self.state, metrics = self.train_step(self.state, next(self.batches))
+        self.step += 1
+        self.buffer.add(self.step, metrics)
+        self._after_step()
+      if self.preempted:
+        self.buffer.check()
+        self.report.info(f"SIGTERM received: saving a checkpoint at step {self.step} and "
+                         "stopping.")
+        self.save(force=True)
+      elif finished_before:
+        self.evaluate()  # Nothing left to train: report the finished run's accuracy.
+      self.ckpt.wait()
+    except TrainingDivergedError as e:
+      self.ckpt.wait()
+      raise _diverged_error(e, self.ckpt, str(self.ckpt.directory)) from None
+    finally:
+      watcher.restore()
+
+
+def _best_so_far(workdir, up_to_step) -> tuple:
+  """(best eval accuracy, its step) logged by earlier runs in `workdir` up to a step."""
+  evals = [r for r in reporting.read_metrics(workdir)
+           if r.get("kind") == "eval" and r["step"] <= up_to_step and "accuracy" in r]
+  if not evals or jax.process_index() != 0:
+    return (None, None)
+  best = max(evals, key=lambda r: r["accuracy"])
+  return (best["accuracy"], best["step"])
+
+
+def _start_or_resume(config, model, mesh, ckpt, train_iter, init_path, report):
+  """(state, shardings, resume_step): the newest checkpoint, else a fresh/pre-trained state."""
+  resume_step = ckpt.latest_step()
+  if resume_step is None:
+    state, shardings = _initial_state(config, model, mesh, init_path, report)
+    return state, shardings, None
+  abstract = train.abstract_train_state(config, model, mesh)
+  state, data_state = ckpt.restore(abstract)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  report.info(f"Resumed from the checkpoint at step {resume_step} in {ckpt.directory}.")
+  return state, jax.tree.map(lambda a: a.sharding, abstract), resume_step
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary.
 
   The summary holds 'step', 'accuracy', 'accuracy_top5', 'eval_loss', 'best_accuracy',
-  'best_step', 'wall_time_s', 'checkpoint_dir', 'params_dir', 'preempted', 'plots'.
+  'best_step', 'wall_time_s', 'workdir', 'checkpoint_dir', 'params_dir', 'preempted',
+  'plots'.
   """
   start_time = time.perf_counter()
   config = config.copy_and_resolve_references()
@@ -226,110 +327,51 @@ def train_and_evaluate(config, workdir: str) -> dict:
   check_batch_sizes(config, mesh)
   init_path = resolve_init_from(config.init_from) if config.get("init_from") else None
   workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
 
   info = data.get_info(config)
   num_classes = config.num_classes or info.num_classes
   model = models.from_config(config.model, num_classes)
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  ckpt = checkpoint.TrainCheckpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
-                                      keep_best=True, best_metric="accuracy",
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                      max_to_keep=config.keep_checkpoints, keep_best=True,
+                                      best_metric="accuracy",
                                       async_save=config.async_checkpoint)
-  train_iter = data.make_train_iterator(config, seed=config.seed)
-  resume_step = ckpt.latest_step()
   report = reporting.Reporter(workdir, total_steps=config.total_steps,
-                              batch_size=config.batch_size, start_step=resume_step or 0,
-                              is_main=is_main, progress_bar=config.get("progress_bar", False))
+                              batch_size=config.batch_size,
+                              start_step=ckpt.latest_step() or 0,
+                              is_main=jax.process_index() == 0,
+                              progress_bar=config.get("progress_bar", False))
   report.write_config(config)
   report.info(f"Workdir {workdir}: {config.model.name} ({num_classes} classes, "
               f"{config.model.image_size} px) on {info.name}, {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}, "
               f"{jax.process_count()} process(es).")
-
-  if resume_step is not None:
-    abstract = train.abstract_train_state(config, model, mesh)
-    state, data_state = ckpt.restore(abstract)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    if data_state is not None:
-      train_iter.set_state(data_state)
-    report.info(f"Resumed from the checkpoint at step {resume_step} in {ckpt_dir}.")
-  else:
-    state, shardings = _initial_state(config, model, mesh, init_path, report)
-
-  train_step = train.make_train_step(config, model, mesh, shardings)
-  eval_step = train.make_eval_step(config, model, mesh, shardings)
-  batches = data.prefetch_to_mesh(train_iter, mesh, size=config.get("prefetch", 2),
-                                  batch_axes=sharding.batch_axes(mesh))
-  watcher = PreemptionWatcher(config.get("preemption_sync_every", 10))
-  buffer = _MetricsBuffer()
-  step = int(jax.device_get(state.step))
-  total = int(config.total_steps)
-  eval_metrics, best = None, (None, None)  # best: (accuracy, step)
-  preempted = False
-  last_saved = resume_step
-
-  def run_eval(at_step):
-    nonlocal eval_metrics, best
-    eval_metrics = evaluate(eval_step, state.params, config, mesh)
-    report.eval(at_step, eval_metrics, split=config.get("eval_split", "test"))
-    if best[0] is None or eval_metrics["accuracy"] > best[0]:
-      best = (eval_metrics["accuracy"], at_step)
-    report.pause_clock(at_step)
-
+  train_iter = data.make_train_iterator(config, seed=config.seed)
   try:
-    while step < total:
-      if watcher.should_stop(step):
-        preempted = True
-        break
-      state, metrics = train_step(state, next(batches))
-      step += 1
-      buffer.add(step, metrics)
-      due_log = step % config.log_every == 0 or step == total
-      due_eval = (config.eval_every and step % config.eval_every == 0) or step == total
-      due_ckpt = step % config.checkpoint_every == 0 or step == total
-      if due_log or due_eval or due_ckpt:
-        buffer.check()  # Never evaluate or checkpoint a diverged state.
-      if due_log:
-        report.train(step, buffer.mean_and_reset())
-      if due_eval:
-        run_eval(step)
-      if due_ckpt:
-        ckpt.save(step, state, data_state=batches.get_state(),
-                  metrics=eval_metrics if due_eval else None, force=step == total)
-        last_saved = step
-    if preempted:
-      buffer.check()
-      report.info(f"SIGTERM received: saving a checkpoint at step {step} and stopping.")
-      if last_saved != step:
-        ckpt.save(step, state, data_state=batches.get_state(), force=True)
-    elif resume_step is not None and resume_step >= total:
-      run_eval(step)  # Nothing left to train: report the finished run's accuracy.
-    ckpt.wait()
-  except TrainingDivergedError as e:
-    ckpt.wait()
-    raise _diverged_error(e, ckpt, ckpt_dir) from None
+    state, shardings, resume_step = _start_or_resume(config, model, mesh, ckpt, train_iter,
+                                                     init_path, report)
+    loop = _Loop(config, workdir, mesh, model, report, ckpt, train_iter, state, shardings,
+                 resume_step)
+    loop.run()
   finally:
-    watcher.restore()
-    batches.close()
+    train_iter.close()
     ckpt.close()
+    report.close()
 
   params_dir, plots = None, []
-  if not preempted:
-    params_dir = _export_params(state.params, workdir)
+  if not loop.preempted:
+    params_dir = _export_params(loop.state.params, workdir)
     if config.get("plots", True):
       plots = report.plot()
-  report.close()
+  metrics = loop.eval_metrics or {}
   summary = {
-      "step": step,
-      "accuracy": eval_metrics["accuracy"] if eval_metrics else None,
-      "accuracy_top5": eval_metrics["accuracy_top5"] if eval_metrics else None,
-      "eval_loss": eval_metrics["loss"] if eval_metrics else None,
-      "best_accuracy": best[0], "best_step": best[1],
+      "step": loop.step, "accuracy": metrics.get("accuracy"),
+      "accuracy_top5": metrics.get("accuracy_top5"), "eval_loss": metrics.get("loss"),
+      "best_accuracy": loop.best[0], "best_step": loop.best[1],
       "wall_time_s": time.perf_counter() - start_time,
-      "workdir": workdir, "checkpoint_dir": ckpt_dir, "params_dir": params_dir,
-      "preempted": preempted, "plots": plots,
+      "workdir": workdir, "checkpoint_dir": str(ckpt.directory), "params_dir": params_dir,
+      "preempted": loop.preempted, "plots": plots,
   }
-  _print_summary(report, summary, total)
+  _print_summary(report, summary, config.total_steps)
   return summary
 
 
