@@ -19,6 +19,7 @@ def _forward_matmul_flops(tokens=17, dim=32, mlp=128, layers=2, patches=16, patc
 @pytest.fixture(scope="module")
 def results():
   specs = [benchmark.RowSpec(mode=mode, **TINY) for mode in benchmark.MODES]
+  specs.append(benchmark.RowSpec(mode="train", scan=True, **TINY))
   return benchmark.run_benchmark(specs, isolate=False, log=lambda s: None)
 
 
@@ -26,21 +27,22 @@ def test_table_has_every_column_and_one_row_per_spec(results):
   lines = benchmark.format_table(results).splitlines()
   header = [c.strip() for c in lines[0].strip("|").split("|")]
   assert header == [h for h, _, _ in benchmark.COLUMNS]
-  assert len(lines) == 2 + len(results) == 4
+  assert len(lines) == 2 + len(results) == 5
   for line in lines[2:]:
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert len(cells) == len(header)
-    assert cells[:6] == ["testing", cells[1], "jax", "8", "16", "8"]
+    assert cells[:6] == ["testing", cells[1], cells[2], "8", "16", "8"]
+  assert [line.split("|")[3].strip() for line in lines[2:]] == ["jax", "jax", "jax scan"]
 
 
 def test_numbers_are_positive_and_flops_match_the_model(results):
-  infer, train = results
+  infer, train, train_scan = results
   for r in results:
     assert r["img_per_s"] > 0 and r["seconds"] > 0
     assert r["img_per_cpu_s"] > 0 and r["cpu_seconds"] > 0
-    assert r["compile_s"] > 0
+    assert r["compile_s"] > 0 and r["compile_cpu_s"] > 0
     assert 0 < r["peak_fraction"] < 1.5
-    assert r["matmul_peak_gflops"] > 1
+    assert r["matmul_peak_gflops"] > 1 and r["matmul_peak_gflops_per_cpu_s"] > 1
     assert r["host_peak_gb"] > 0.1
     assert r["xla_buffers_gb"] > 0
     assert r["devices"] == 8
@@ -49,6 +51,9 @@ def test_numbers_are_positive_and_flops_match_the_model(results):
   assert matmuls <= infer["gflop_per_img"] <= 1.6 * matmuls
   # Backward costs about twice the forward pass.
   assert 2.5 <= train["gflop_per_img"] / infer["gflop_per_img"] <= 4.0
+  # Scan rows count the unrolled model (XLA would count the loop body once).
+  assert train_scan["flops"] == pytest.approx(train["lowered_flops"], rel=1e-6)
+  assert train_scan["lowered_flops"] < 0.8 * train["lowered_flops"]
 
 
 def test_timm_ratio_pairs_rows_of_the_same_model_and_mode():

@@ -3,8 +3,10 @@
   python -m vit_jax.benchmark --models=ViT-Ti_16,ViT-S_16 --batch=32 --compare=timm
 
 For every (model, mode) row it reports, after warm-up, the median images/s over `--runs`
-timed steps, compile time, GFLOP per image from XLA's cost analysis, the fraction of a
-matmul peak measured in the same run, the peak host memory (ru_maxrss of a fresh process
+timed steps (also per CPU-second of this process: steadier on a shared machine), compile
+time, GFLOP per image from XLA's cost analysis (of the unrolled model for scan rows, since
+XLA counts a loop body once), the fraction of a matmul peak measured in the same run (in
+GFLOP per CPU-second on both sides), the peak host memory (ru_maxrss of a fresh process
 per row, because maxrss only ever grows), XLA's own estimate of the step's buffers
 (`compiled.memory_analysis()`) and, where the backend reports it, the peak device memory.
 `--json=PATH` writes the same rows. Rows run one after another in fresh subprocesses;
@@ -112,14 +114,14 @@ def device_peak_gb() -> Optional[float]:
   return max(peaks) / 2**30 if peaks else None
 
 
-def matmul_peak_gflops(size: int = 2048, runs: int = 5) -> float:
-  """GFLOP/s of a jitted float32 [size, size] @ [size, size] on the default device."""
+def matmul_peak_gflops(size: int = 2048, runs: int = 5) -> tuple[float, float]:
+  """(GFLOP/s, GFLOP per CPU-second) of a jitted float32 [size, size] @ [size, size]."""
   import jax
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
   matmul = jax.jit(lambda x, y: x @ y)
-  seconds, _ = _median_seconds(lambda: matmul(a, a).block_until_ready(), warmup=2, runs=runs)
-  return 2 * size**3 / seconds / 1e9
+  wall, cpu = _median_seconds(lambda: matmul(a, a).block_until_ready(), warmup=2, runs=runs)
+  return 2 * size**3 / wall / 1e9, 2 * size**3 / cpu / 1e9
 
 
 def _compiled_stats(compiled, num_partitions: int) -> dict:
@@ -171,9 +173,19 @@ def _data_mesh(devices: int):
 
 
 def _timed_compile(jitted, *args):
-  start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  return compiled, time.perf_counter() - start
+  """(compiled, stats): wall and CPU seconds of lower+compile, FLOPs before optimisation."""
+  start, start_cpu = time.perf_counter(), time.process_time()
+  lowered = jitted.lower(*args)
+  compiled = lowered.compile()
+  stats = {"compile_s": time.perf_counter() - start,
+           "compile_cpu_s": time.process_time() - start_cpu}
+  stats["lowered_flops"] = float(lowered.cost_analysis()["flops"])
+  return compiled, stats
+
+
+def _lowered_flops(jitted, *args) -> float:
+  """Whole-program FLOPs of the lowered (not yet partitioned or compiled) computation."""
+  return float(jitted.lower(*args).cost_analysis()["flops"])
 
 
 def _jax_inference(spec: RowSpec, mesh) -> dict:
@@ -187,11 +199,17 @@ def _jax_inference(spec: RowSpec, mesh) -> dict:
   init = jax.jit(lambda rng, x: model.init(rng, normalize_images(x)), out_shardings=replicated)
   params = init(jax.random.PRNGKey(0), batch["image"])["params"]
   forward = jax.jit(lambda p, x: model.apply({"params": p}, normalize_images(x)))
-  compiled, compile_s = _timed_compile(forward, params, batch["image"])
+  compiled, compile_times = _timed_compile(forward, params, batch["image"])
   seconds, cpu_seconds = _median_seconds(
       lambda: compiled(params, batch["image"]).block_until_ready(),
       warmup=spec.warmup, runs=spec.runs)
-  return dict(seconds=seconds, cpu_seconds=cpu_seconds, compile_s=compile_s, **_compiled_stats(compiled, mesh.size))
+  stats = _compiled_stats(compiled, mesh.size)
+  if spec.scan:  # XLA counts a while loop's body once: count the unrolled model instead.
+    unrolled = _make_model(dataclasses.replace(spec, scan=False))
+    abstract = jax.eval_shape(unrolled.init, jax.random.PRNGKey(0), batch["image"][:1])
+    forward = jax.jit(lambda p, x: unrolled.apply({"params": p}, normalize_images(x)))
+    stats["flops"] = _lowered_flops(forward, abstract["params"], batch["image"])
+  return dict(seconds=seconds, cpu_seconds=cpu_seconds, **compile_times, **stats)
 
 
 def _train_config(spec: RowSpec):
@@ -220,7 +238,10 @@ def _jax_train(spec: RowSpec, mesh) -> dict:
   config = _train_config(spec)
   state, shardings = train.create_train_state(config, model, mesh, rng=jax.random.PRNGKey(0))
   step_fn = train.make_train_step(config, model, mesh, shardings)
-  compiled, compile_s = _timed_compile(step_fn, state, batch)
+  compiled, compile_times = _timed_compile(step_fn, state, batch)
+  stats = _compiled_stats(compiled, mesh.size)
+  if spec.scan:  # XLA counts a while loop's body once: count the unrolled model instead.
+    stats["flops"] = _unrolled_train_flops(spec, mesh, batch)
   holder = [state]
 
   def run():
@@ -228,8 +249,18 @@ def _jax_train(spec: RowSpec, mesh) -> dict:
     jax.block_until_ready(metrics)
 
   seconds, cpu_seconds = _median_seconds(run, warmup=spec.warmup, runs=spec.runs)
-  return dict(seconds=seconds, cpu_seconds=cpu_seconds, compile_s=compile_s,
-              **_compiled_stats(compiled, mesh.size))
+  return dict(seconds=seconds, cpu_seconds=cpu_seconds, **compile_times, **stats)
+
+
+def _unrolled_train_flops(spec: RowSpec, mesh, batch) -> float:
+  """FLOPs of the same train step with the layers unrolled (lowered on abstract state)."""
+  import jax
+  from vit_jax import train
+  spec = dataclasses.replace(spec, scan=False)
+  model, config = _make_model(spec), _train_config(spec)
+  abstract = train.abstract_train_state(config, model, mesh)
+  shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
+  return _lowered_flops(train.make_train_step(config, model, mesh, shardings), abstract, batch)
 
 
 def _timm_row(spec: RowSpec) -> dict:
@@ -263,7 +294,7 @@ def _timm_row(spec: RowSpec) -> dict:
   return dict(seconds=seconds, cpu_seconds=cpu_seconds)
 
 
-def measure_row(spec: RowSpec, peak_gflops: Optional[float] = None) -> dict:
+def measure_row(spec: RowSpec, peak_gflops_per_cpu_s: Optional[float] = None) -> dict:
   """Runs one row in this process and returns its result dict (see `COLUMNS`)."""
   if spec.mode not in MODES:
     raise ValueError(f"Unknown mode {spec.mode!r}; choose one of {MODES}.")
@@ -291,15 +322,20 @@ def measure_row(spec: RowSpec, peak_gflops: Optional[float] = None) -> dict:
                 host_peak_gb=host_peak_gb())
   if "flops" in result:
     result["gflop_per_img"] = result["flops"] / spec.batch / 1e9
-    if peak_gflops and seconds:
-      result["peak_fraction"] = result["flops"] / result["seconds"] / 1e9 / peak_gflops
+    if peak_gflops_per_cpu_s and seconds:
+      result["peak_fraction"] = _peak_fraction(result, peak_gflops_per_cpu_s)
   return result
 
 
-def _row_in_subprocess(spec: RowSpec, peak_gflops: Optional[float]) -> dict:
+def _peak_fraction(result: dict, peak_gflops_per_cpu_s: float) -> float:
+  """Achieved GFLOP per CPU-second over the matmul's: both steady on a shared machine."""
+  return result["flops"] / result["cpu_seconds"] / 1e9 / peak_gflops_per_cpu_s
+
+
+def _row_in_subprocess(spec: RowSpec, peak_gflops_per_cpu_s: Optional[float]) -> dict:
   """`measure_row` in a fresh Python process, so its peak memory is its own."""
   cmd = [sys.executable, "-m", "vit_jax.benchmark", "--_row",
-         json.dumps(dataclasses.asdict(spec)), "--_peak", str(peak_gflops or 0)]
+         json.dumps(dataclasses.asdict(spec)), "--_peak", str(peak_gflops_per_cpu_s or 0)]
   env = dict(os.environ)
   if spec.xla_flags:
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {spec.xla_flags}".strip()
@@ -326,8 +362,9 @@ COLUMNS = (
     ("img/CPU-s", "img_per_cpu_s", "{:.2f}"),
     ("vs timm (CPU)", "vs_timm_cpu", "{:.2f}x"),
     ("compile s", "compile_s", "{:.1f}"),
+    ("compile CPU-s", "compile_cpu_s", "{:.1f}"),
     ("GFLOP/img", "gflop_per_img", "{:.2f}"),
-    ("% peak", "peak_fraction", "{:.0%}"),
+    ("% peak (CPU-s)", "peak_fraction", "{:.0%}"),
     ("host peak GB", "host_peak_gb", "{:.2f}"),
     ("XLA buffers GB", "xla_buffers_gb", "{:.2f}"),
     ("device peak GB", "device_peak_gb", "{:.2f}"),
@@ -403,13 +440,14 @@ def run_benchmark(specs: list[RowSpec], *, rounds: int = 1, isolate: bool = True
   """Measures the matmul peak, then every row (`rounds` times, interleaved)."""
   from vit_jax import platform
   platform.configure_cpu_devices(specs[0].devices or None if specs else None)
-  peak = matmul_peak_gflops()
-  log(f"matmul peak (jitted float32 2048^3): {peak:.1f} GFLOP/s")
+  peak, peak_cpu = matmul_peak_gflops()
+  log(f"matmul peak (jitted float32 2048^3): {peak:.1f} GFLOP/s, {peak_cpu:.1f} per CPU-s")
   all_rounds = []
   for i in range(rounds):
     results = []
     for spec in specs:
-      result = _row_in_subprocess(spec, peak) if isolate else measure_row(spec, peak)
+      result = (_row_in_subprocess(spec, peak_cpu) if isolate
+                else measure_row(spec, peak_cpu))
       speed = result["img_per_s"]
       log(f"round {i + 1}/{rounds} {spec.model} {spec.mode} {spec.label}: "
           + (f"{speed:.2f} img/s" if speed else f"compiled in {result['compile_s']:.1f} s"))
@@ -417,12 +455,13 @@ def run_benchmark(specs: list[RowSpec], *, rounds: int = 1, isolate: bool = True
     all_rounds.append(results)
   results = _median_of_rounds(all_rounds)
   # The machine may be shared: take the better of the peaks measured before and after.
-  peak = max(peak, matmul_peak_gflops())
-  log(f"matmul peak after the rows: {peak:.1f} GFLOP/s (best of both)")
+  peak_after, peak_cpu_after = matmul_peak_gflops()
+  peak, peak_cpu = max(peak, peak_after), max(peak_cpu, peak_cpu_after)
+  log(f"matmul peak, best before/after: {peak:.1f} GFLOP/s, {peak_cpu:.1f} per CPU-s")
   for r in results:
-    r["matmul_peak_gflops"] = peak
-    if r.get("flops") and r.get("seconds"):
-      r["peak_fraction"] = r["flops"] / r["seconds"] / 1e9 / peak
+    r.update(matmul_peak_gflops=peak, matmul_peak_gflops_per_cpu_s=peak_cpu)
+    if r.get("flops") and r.get("cpu_seconds"):
+      r["peak_fraction"] = _peak_fraction(r, peak_cpu)
   add_timm_ratios(results)
   return results
 
