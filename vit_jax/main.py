@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from vit_jax import platform
@@ -97,6 +98,9 @@ def main(argv) -> int:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; config fields are set with "
                          "--config.FIELD=VALUE.")
   platform.configure_cpu_devices()  # Before anything initialises the JAX backends.
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs hundreds of INFO lines per run; progress is printed on stdout anyway.
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax import trainer  # pylint: disable=g-import-not-at-top

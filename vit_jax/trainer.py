@@ -159,7 +159,7 @@ def evaluate(eval_step, params, config, mesh) -> dict:
   return {"accuracy": totals["correct"] / count,
           "accuracy_top5": totals["correct_top5"] / count,
           "loss": totals["loss_sum"] / count,
-          "num_examples": totals["count"]}
+          "num_examples": int(totals["count"])}
 
 
 class _MetricsBuffer:
