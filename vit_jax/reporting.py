@@ -92,7 +92,7 @@ class Reporter:
     if not self.is_main:
       return
     if self._bar is not None:
-      self._bar.write(text)
+      self._bar.write(text, file=self._stream)
     else:
       print(text, file=self._stream, flush=True)
 
