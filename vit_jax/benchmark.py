@@ -135,6 +135,7 @@ def _compiled_stats(compiled, num_partitions: int) -> dict:
     stats["xla_buffers_gb"] = num_partitions * (
         mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
         - mem.alias_size_in_bytes) / 2**30
+    stats["xla_temp_gb"] = num_partitions * mem.temp_size_in_bytes / 2**30
   return stats
 
 
@@ -173,11 +174,13 @@ def _data_mesh(devices: int):
 
 
 def _timed_compile(jitted, *args):
-  """(compiled, stats): wall and CPU seconds of lower+compile, FLOPs before optimisation."""
+  """(compiled, stats): wall and CPU seconds of lower+compile (of which tracing and lowering
+  took `lower_s`) and the FLOPs before optimisation."""
   start, start_cpu = time.perf_counter(), time.process_time()
   lowered = jitted.lower(*args)
+  lower_s = time.perf_counter() - start
   compiled = lowered.compile()
-  stats = {"compile_s": time.perf_counter() - start,
+  stats = {"compile_s": time.perf_counter() - start, "lower_s": lower_s,
            "compile_cpu_s": time.process_time() - start_cpu}
   stats["lowered_flops"] = float(lowered.cost_analysis()["flops"])
   return compiled, stats
