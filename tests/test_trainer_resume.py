@@ -86,7 +86,7 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, cache_dir):
   _read_until(proc, lambda line: line.startswith("step  6/"))
   proc.send_signal(signal.SIGTERM)
   out = _finish(proc)
-  assert "SIGTERM received: saving a checkpoint at step" in out, out[-2000:]
+  assert "Preemption (SIGTERM): saving a checkpoint at step" in out, out[-2000:]
   stopped = int(out.split("saving a checkpoint at step ")[1].split(" ")[0])
   assert 6 <= stopped < 20
   assert "Rerun the same command to resume" in out

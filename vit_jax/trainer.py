@@ -107,6 +107,9 @@ class PreemptionWatcher:
     self._previous = None
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+      # Restart interrupted system calls: a signal landing inside a blocking collective
+      # (gloo/TCP on CPU) must not break it on this process only.
+      signal.siginterrupt(signal.SIGTERM, False)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -276,8 +279,8 @@ class _Loop:
         self._after_step()
       if self.preempted:
         self.buffer.check()
-        self.report.info(f"SIGTERM received: saving a checkpoint at step {self.step} and "
-                         "stopping.")
+        self.report.info(f"Preemption (SIGTERM): saving a checkpoint at step {self.step} "
+                         "and stopping.")
         self.save(force=True)
       elif finished_before:
         self.evaluate()  # Nothing left to train: report the finished run's accuracy.
@@ -299,6 +302,16 @@ def _best_so_far(workdir, up_to_step) -> tuple:
   return (best["accuracy"], best["step"])
 
 
+def _for_this_process(data_state):
+  """The checkpoint holds process 0's iterator state. Every process has read the same
+  number of batches from its own slice of the data, so the states differ only in the
+  process index (checked again by `set_state`)."""
+  pipeline = data_state.get("pipeline") if isinstance(data_state, dict) else None
+  if pipeline is None or jax.process_count() == 1:
+    return data_state
+  return dict(data_state, pipeline=dict(pipeline, process_index=jax.process_index()))
+
+
 def _start_or_resume(config, model, mesh, ckpt, train_iter, init_path, report):
   """(state, shardings, resume_step): the newest checkpoint, else a fresh/pre-trained state."""
   resume_step = ckpt.latest_step()
@@ -308,7 +321,7 @@ def _start_or_resume(config, model, mesh, ckpt, train_iter, init_path, report):
   abstract = train.abstract_train_state(config, model, mesh)
   state, data_state = ckpt.restore(abstract)
   if data_state is not None:
-    train_iter.set_state(data_state)
+    train_iter.set_state(_for_this_process(data_state))
   report.info(f"Resumed from the checkpoint at step {resume_step} in {ckpt.directory}.")
   return state, jax.tree.map(lambda a: a.sharding, abstract), resume_step
 
