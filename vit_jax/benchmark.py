@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 # timm names of the models of the same size (patch, width, depth, heads, mlp).
 TIMM_NAMES = {
@@ -306,6 +306,7 @@ def measure_row(spec: RowSpec, peak_gflops_per_cpu_s: Optional[float] = None) ->
                      "run the row isolated (drop --no-isolate) or export XLA_FLAGS.")
   if spec.framework == "timm":
     result = _timm_row(spec)
+    result["devices"] = None  # PyTorch runs one process with a thread per core.
   elif spec.framework == "jax":
     from vit_jax import platform
     platform.configure_cpu_devices(spec.devices or None)
