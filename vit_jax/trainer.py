@@ -262,7 +262,8 @@ class _Loop:
     if due_eval:
       self.evaluate()
     if due_ckpt:
-      self.save(metrics=self.eval_metrics if due_eval else None, force=last)
+      # {} rather than None: Orbax warns on every save without metrics.
+      self.save(metrics=self.eval_metrics if due_eval else {}, force=last)
 
   def run(self):
     """Trains to total_steps, or until SIGTERM (then saves); waits for the last save."""
