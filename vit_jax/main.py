@@ -102,6 +102,7 @@ def main(argv) -> int:
     # Orbax logs hundreds of INFO lines per run; progress is printed on stdout anyway.
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  from vit_jax import data  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax import trainer  # pylint: disable=g-import-not-at-top
   spec = config_argument(sys.argv)
@@ -110,7 +111,7 @@ def main(argv) -> int:
   try:
     sharding.initialize_distributed(config)
     trainer.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError, trainer.TrainingDivergedError) as e:
+  except (ValueError, FileNotFoundError, data.DataError, trainer.TrainingDivergedError) as e:
     # Bad input or a diverged run: the message says what to do, a traceback would not.
     print(f"Error: {e}", file=sys.stderr, flush=True)
     return 1

@@ -339,7 +339,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   check_config(config)
   mesh = make_mesh(config)
   check_batch_sizes(config, mesh)
-  init_path = resolve_init_from(config.init_from) if config.get("init_from") else None
+  # On the command line --config.init_from=None arrives as the string 'None'.
+  from_scratch = config.get("init_from") in (None, "", "None", "none")
+  init_path = None if from_scratch else resolve_init_from(config.init_from)
   workdir = os.path.abspath(workdir)
 
   info = data.get_info(config)
