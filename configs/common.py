@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.b1 = 0.9
   c.b2 = 0.999
-  c.weight_decay = 0.0  # Decoupled (AdamW-style), multiplied by the schedule's lr factor.
+  c.weight_decay = 0.0  # Decoupled (AdamW-style), multiplied by the learning rate lr(t).
   c.grad_clip_norm = 1.0
   c.schedule = "cosine"  # 'cosine' | 'linear' decay after the linear warm-up.
   c.loss = "softmax_xent"  # 'softmax_xent' | 'sigmoid_xent'

@@ -14,10 +14,10 @@ _NON_MODULE_FIELDS = ("name", "image_size")
 def from_config(config: ml_collections.ConfigDict, num_classes) -> VisionTransformer:
   """The module a model config (as from `get_config`, maybe edited) describes."""
   kwargs = {k: v for k, v in config.to_dict().items() if k not in _NON_MODULE_FIELDS}
-  unknown = sorted(set(kwargs) - set(base_config().to_dict()))
+  valid = set(base_config().to_dict())
+  unknown = sorted(set(kwargs) - valid)
   if unknown:
-    raise ValueError(f"Unknown model config field(s) {unknown}; valid fields: "
-                     f"{sorted(base_config().to_dict())}.")
+    raise ValueError(f"Unknown model config field(s) {unknown}; valid fields: {sorted(valid)}.")
   if kwargs.get("resnet_layers") is not None:
     kwargs["resnet_layers"] = tuple(kwargs["resnet_layers"])
   return VisionTransformer(num_classes=num_classes, **kwargs)
