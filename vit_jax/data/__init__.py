@@ -1,21 +1,44 @@
-"""Input pipeline: tfds ArrayRecord / image folders read with grain, no TensorFlow."""
+"""Input pipeline: tfds ArrayRecord / image folders read with grain, no TensorFlow.
 
-from vit_jax.data.augment import mixup
-from vit_jax.data.errors import CorruptImageError
-from vit_jax.data.errors import DataError
-from vit_jax.data.errors import DatasetNotPreparedError
-from vit_jax.data.errors import EmptyDatasetError
-from vit_jax.data.errors import UnknownDatasetError
-from vit_jax.data.images import decode_image
-from vit_jax.data.images import eval_transform
-from vit_jax.data.images import normalize_images
-from vit_jax.data.images import train_transform
-from vit_jax.data.pipeline import DataIterator
-from vit_jax.data.pipeline import make_eval_iterator
-from vit_jax.data.pipeline import make_train_iterator
-from vit_jax.data.pipeline import MeshPrefetcher
-from vit_jax.data.pipeline import num_eval_batches
-from vit_jax.data.pipeline import prefetch_to_mesh
-from vit_jax.data.pipeline import to_global
-from vit_jax.data.sources import DatasetInfo
-from vit_jax.data.sources import get_info
+The names below load their submodule on first use, so that `vit_jax.train`, the models
+and the benchmark (which only need `images.normalize_images`) import without grain or
+tensorflow-datasets, e.g. on an accelerator machine that has only JAX.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "mixup": "augment",
+    "CorruptImageError": "errors",
+    "DataError": "errors",
+    "DatasetNotPreparedError": "errors",
+    "EmptyDatasetError": "errors",
+    "UnknownDatasetError": "errors",
+    "decode_image": "images",
+    "eval_transform": "images",
+    "normalize_images": "images",
+    "train_transform": "images",
+    "DataIterator": "pipeline",
+    "make_eval_iterator": "pipeline",
+    "make_train_iterator": "pipeline",
+    "MeshPrefetcher": "pipeline",
+    "num_eval_batches": "pipeline",
+    "prefetch_to_mesh": "pipeline",
+    "to_global": "pipeline",
+    "DatasetInfo": "sources",
+    "get_info": "sources",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'vit_jax.data' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"vit_jax.data.{_EXPORTS[name]}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)
