@@ -165,6 +165,26 @@ def test_remat_and_attention_impls_keep_the_math():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, grads_ref)
 
 
+def test_padded_attention_equals_unpadded_outputs_and_grads():
+  """The 'cudnn' path pads 197 tokens to 256 and masks them; checked here through XLA."""
+  from vit_jax.models.attention import padded_dot_product_attention
+  keys = jax.random.split(jax.random.key(0), 4)
+  query, key, value = (jax.random.normal(k, (2, 197, 3, 8)) for k in keys[:3])
+  bias = jax.random.normal(keys[3], (2, 3, 197, 197))
+  for b in (None, bias):
+    def loss(attention, q, k, v):
+      return jnp.sum(jnp.sin(attention(q, k, v)))
+    plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=b)
+    padded = lambda q, k, v: padded_dot_product_attention(q, k, v, b, implementation=None)
+    out = padded(query, key, value)
+    assert out.shape == (2, 197, 3, 8)
+    np.testing.assert_allclose(out, plain(query, key, value), atol=1e-5)
+    grads = jax.grad(loss, argnums=(1, 2, 3))(padded, query, key, value)
+    grads_ref = jax.grad(loss, argnums=(1, 2, 3))(plain, query, key, value)
+    for g, g_ref in zip(grads, grads_ref):
+      np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
 def test_bfloat16_compute_runs_with_float32_params():
   images = _images()
   f32 = models.create("testing", num_classes=5)

@@ -46,7 +46,8 @@ class SelfAttention(nn.Module):
     num_heads: number of heads; dim must be divisible by it.
     dropout_rate: dropout on the attention weights (train only).
     impl: 'xla' (explicit softmax), 'dot_product' (jax.nn.dot_product_attention, XLA
-      chooses), 'cudnn' (jax.nn.dot_product_attention flash kernel, GPU only).
+      chooses), 'cudnn' (jax.nn.dot_product_attention flash kernel, GPU only, bf16/fp16;
+      tokens padded to a multiple of 64 and masked, see `padded_dot_product_attention`).
     relative_grid: when set, adds relative-position logits (posemb 'relative').
   When the 'intermediates' collection is mutable, the attention weights
   [batch, heads, q_tokens, k_tokens] are sown as `attention_weights`.
@@ -113,7 +114,33 @@ class SelfAttention(nn.Module):
     qkv_kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # [dim, 3, heads, head_dim]
     qkv = jnp.einsum("btd,dkhe->btkhe", x, qkv_kernel) + jnp.stack(biases).astype(self.dtype)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
-    out = jax.nn.dot_product_attention(
-        query, key, value, bias=self._relative_bias(query),
-        implementation="cudnn" if self.impl == "cudnn" else None)
+    bias = self._relative_bias(query)
+    if self.impl == "cudnn":
+      out = padded_dot_product_attention(query, key, value, bias, implementation="cudnn")
+    else:
+      out = jax.nn.dot_product_attention(query, key, value, bias=bias)
     return out.swapaxes(1, 2)
+
+
+def padded_dot_product_attention(query, key, value, bias=None, *, multiple: int = 64,
+                                 implementation: Optional[str] = "cudnn"):
+  """jax.nn.dot_product_attention with the tokens padded to a multiple of `multiple`.
+
+  cuDNN's flash-attention backward pass only takes sequence lengths that are multiples of
+  64 (a ViT has e.g. 197 tokens). The padding is masked out through the sequence lengths,
+  so the real tokens' outputs and gradients are those of the unpadded attention.
+  Args: query/key/value [batch, tokens, heads, head_dim]; bias [batch, heads, tokens, tokens].
+  Returns [batch, tokens, heads, head_dim].
+  """
+  batch, tokens = query.shape[:2]
+  extra = -tokens % multiple
+  if extra:
+    pad = ((0, 0), (0, extra), (0, 0), (0, 0))
+    query, key, value = (jnp.pad(t, pad) for t in (query, key, value))
+    if bias is not None:
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, extra), (0, extra)))
+  lengths = jnp.full((batch,), tokens, jnp.int32)
+  out = jax.nn.dot_product_attention(query, key, value, bias=bias, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :tokens]
