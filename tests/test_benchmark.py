@@ -1,6 +1,8 @@
 """Smoke tests of the speed benchmark on the tiny 'testing' model (1 timed run per row)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -67,6 +69,29 @@ def test_timm_ratio_pairs_rows_of_the_same_model_and_mode():
   assert "vs_timm" not in rows[2]
   table = benchmark.format_table(rows)
   assert "| 1.50x |" in table and "timm vit_tiny_patch16_224" in table
+
+
+def test_peak_fraction_uses_cpu_seconds_on_cpu_and_wall_time_on_accelerators():
+  row = {"flops": 100e9, "seconds": 2.0, "cpu_seconds": 4.0}
+  assert benchmark._peak_fraction({**row, "backend": "cpu"}, 50.0, 100.0) == pytest.approx(0.5)
+  assert benchmark._peak_fraction({**row, "backend": "gpu"}, 50.0, 100.0) == pytest.approx(0.5)
+  assert benchmark._peak_fraction({**row, "backend": "gpu"}, 50.0, 200.0) == pytest.approx(0.25)
+
+
+def test_flops_reader_accepts_missing_cost_analyses():
+  assert benchmark._flops(None) is None
+  assert benchmark._flops([]) is None
+  assert benchmark._flops({"bytes accessed": 1.0}) is None
+  assert benchmark._flops([{"flops": 3.0}]) == 3.0
+
+
+def test_model_and_benchmark_import_without_the_data_pipeline_libraries():
+  """An accelerator machine with only JAX needs no grain or tensorflow-datasets."""
+  code = ("import sys, vit_jax.benchmark, vit_jax.train, vit_jax.models; "
+          "from vit_jax.data import normalize_images; "
+          "print(sorted(m for m in ('grain', 'tensorflow_datasets') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_cli_runs_rows_in_subprocesses_and_writes_json(tmp_path, capsys):

@@ -9,6 +9,10 @@ XLA counts a loop body once), the fraction of a matmul peak measured in the same
 GFLOP per CPU-second on both sides), the peak host memory (ru_maxrss of a fresh process
 per row, because maxrss only ever grows), XLA's own estimate of the step's buffers
 (`compiled.memory_analysis()`) and, where the backend reports it, the peak device memory.
+On a GPU the fraction is of wall-clock GFLOP/s (the CPU only launches work), the
+matmul peak is measured in the rows' dtype, timm runs on the same GPU, and JAX does not
+preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so that the
+processes of the rows and of the matmul can share the device.
 `--json=PATH` writes the same rows. Rows run one after another in fresh subprocesses;
 with `--compare=timm` our row and timm's alternate, so both see the same machine load.
 """
@@ -58,6 +62,7 @@ class RowSpec:
   warmup: int = 2
   runs: int = 5
   xla_flags: str = ""  # Extra XLA_FLAGS for this row's process.
+  torch_device: str = "cpu"  # timm rows: 'cuda' when JAX runs on a GPU (set by run_benchmark).
 
   @property
   def label(self) -> str:
@@ -114,11 +119,16 @@ def device_peak_gb() -> Optional[float]:
   return max(peaks) / 2**30 if peaks else None
 
 
-def matmul_peak_gflops(size: int = 2048, runs: int = 5) -> tuple[float, float]:
-  """(GFLOP/s, GFLOP per CPU-second) of a jitted float32 [size, size] @ [size, size]."""
+def matmul_peak_gflops(size: int = 0, runs: int = 5,
+                       dtype: str = "float32") -> tuple[float, float]:
+  """(GFLOP/s, GFLOP per CPU-second) of a jitted [size, size] @ [size, size] in `dtype`.
+
+  size 0: 2048 on the CPU, 8192 on an accelerator (a smaller product is launch-bound there).
+  """
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32).astype(dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   wall, cpu = _median_seconds(lambda: matmul(a, a).block_until_ready(), warmup=2, runs=runs)
   return 2 * size**3 / wall / 1e9, 2 * size**3 / cpu / 1e9
@@ -126,11 +136,9 @@ def matmul_peak_gflops(size: int = 2048, runs: int = 5) -> tuple[float, float]:
 
 def _compiled_stats(compiled, num_partitions: int) -> dict:
   """FLOPs (whole program; XLA counts one partition) and buffer sizes of a compiled step."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
-    cost = cost[0]
+  flops = _flops(compiled.cost_analysis())
   mem = compiled.memory_analysis()
-  stats = {"flops": float(cost.get("flops", 0.0)) * num_partitions}
+  stats = {"flops": flops * num_partitions if flops else None}
   if mem is not None:
     stats["xla_buffers_gb"] = num_partitions * (
         mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -182,13 +190,20 @@ def _timed_compile(jitted, *args):
   compiled = lowered.compile()
   stats = {"compile_s": time.perf_counter() - start, "lower_s": lower_s,
            "compile_cpu_s": time.process_time() - start_cpu}
-  stats["lowered_flops"] = float(lowered.cost_analysis()["flops"])
+  stats["lowered_flops"] = _flops(lowered.cost_analysis())
   return compiled, stats
 
 
-def _lowered_flops(jitted, *args) -> float:
+def _flops(cost) -> Optional[float]:
+  """The 'flops' of a cost analysis; None where the backend gives none (e.g. lowered, GPU)."""
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _lowered_flops(jitted, *args) -> Optional[float]:
   """Whole-program FLOPs of the lowered (not yet partitioned or compiled) computation."""
-  return float(jitted.lower(*args).cost_analysis()["flops"])
+  return _flops(jitted.lower(*args).cost_analysis())
 
 
 def _jax_inference(spec: RowSpec, mesh) -> dict:
@@ -267,34 +282,54 @@ def _unrolled_train_flops(spec: RowSpec, mesh, batch) -> float:
 
 
 def _timm_row(spec: RowSpec) -> dict:
-  """The same measurement for timm's model of the same size, in PyTorch on the CPU."""
+  """The same measurement for timm's model of the same size, in PyTorch.
+
+  On `spec.torch_device` ('cpu' or 'cuda'); a bfloat16 row runs under autocast, so the
+  weights stay float32 as ours do. PyTorch's default float32 matmuls on a GPU do not use
+  TF32, XLA's do: compare float32 GPU rows with that in mind.
+  """
+  import contextlib
   import torch
   import timm
   if spec.model not in TIMM_NAMES:
     raise ValueError(f"No timm counterpart for {spec.model!r}; known: {sorted(TIMM_NAMES)}.")
+  device = torch.device(spec.torch_device)
   torch.manual_seed(0)
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   model = timm.create_model(TIMM_NAMES[spec.model], pretrained=False,
-                            num_classes=spec.num_classes, img_size=spec.resolution)
-  images = torch.randn(spec.batch, 3, spec.resolution, spec.resolution)
-  labels = torch.randint(0, spec.num_classes, (spec.batch,))
+                            num_classes=spec.num_classes, img_size=spec.resolution).to(device)
+  images = torch.randn(spec.batch, 3, spec.resolution, spec.resolution, device=device)
+  labels = torch.randint(0, spec.num_classes, (spec.batch,), device=device)
+  autocast = (torch.autocast(device.type, dtype=getattr(torch, spec.dtype))
+              if spec.dtype != "float32" else contextlib.nullcontext())
+  sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
   if spec.mode == "infer":
     model.eval()
 
-    def run():
-      with torch.inference_mode():
+    def step():
+      with torch.inference_mode(), autocast:
         model(images)
   else:
     model.train()
     opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if spec.optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
 
-    def run():
+    def step():
       opt.zero_grad(set_to_none=True)
-      torch.nn.functional.cross_entropy(model(images), labels).backward()
+      with autocast:
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+      loss.backward()
       opt.step()
+
+  def run():
+    step()
+    sync()
+
   seconds, cpu_seconds = _median_seconds(run, warmup=spec.warmup, runs=spec.runs)
-  return dict(seconds=seconds, cpu_seconds=cpu_seconds)
+  result = dict(seconds=seconds, cpu_seconds=cpu_seconds)
+  if device.type == "cuda":
+    result["device_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+  return result
 
 
 def measure_row(spec: RowSpec, peak_gflops_per_cpu_s: Optional[float] = None) -> dict:
@@ -307,6 +342,7 @@ def measure_row(spec: RowSpec, peak_gflops_per_cpu_s: Optional[float] = None) ->
   if spec.framework == "timm":
     result = _timm_row(spec)
     result["devices"] = None  # PyTorch runs one process with a thread per core.
+    result["backend"] = spec.torch_device
   elif spec.framework == "jax":
     from vit_jax import platform
     platform.configure_cpu_devices(spec.devices or None)
@@ -316,6 +352,9 @@ def measure_row(spec: RowSpec, peak_gflops_per_cpu_s: Optional[float] = None) ->
                        "pick a multiple or set --devices.")
     result = (_jax_inference if spec.mode == "infer" else _jax_train)(spec, mesh)
     result["devices"] = mesh.size
+    result["backend"] = mesh.devices.flat[0].platform
+    if result["backend"] != "cpu":  # XLA's GPU cost analysis omits cuBLAS/cuDNN calls.
+      result["flops"] = result["lowered_flops"] = None
     result["device_peak_gb"] = device_peak_gb()
   else:
     raise ValueError(f"Unknown framework {spec.framework!r}; choose one of {FRAMEWORKS}.")
@@ -324,15 +363,21 @@ def measure_row(spec: RowSpec, peak_gflops_per_cpu_s: Optional[float] = None) ->
                 img_per_s=spec.batch / seconds if seconds else None,
                 img_per_cpu_s=spec.batch / result["cpu_seconds"] if seconds else None,
                 host_peak_gb=host_peak_gb())
-  if "flops" in result:
+  if result.get("flops"):
     result["gflop_per_img"] = result["flops"] / spec.batch / 1e9
     if peak_gflops_per_cpu_s and seconds:
       result["peak_fraction"] = _peak_fraction(result, peak_gflops_per_cpu_s)
   return result
 
 
-def _peak_fraction(result: dict, peak_gflops_per_cpu_s: float) -> float:
-  """Achieved GFLOP per CPU-second over the matmul's: both steady on a shared machine."""
+def _peak_fraction(result: dict, peak_gflops_per_cpu_s: float,
+                   peak_gflops: Optional[float] = None) -> float:
+  """Achieved GFLOP per CPU-second over the matmul's: both steady on a shared machine.
+
+  On an accelerator the CPU only launches work, so wall-clock GFLOP/s over the matmul's.
+  """
+  if result.get("backend", "cpu") != "cpu" and peak_gflops:
+    return result["flops"] / result["seconds"] / 1e9 / peak_gflops
   return result["flops"] / result["cpu_seconds"] / 1e9 / peak_gflops_per_cpu_s
 
 
@@ -368,7 +413,7 @@ COLUMNS = (
     ("compile s", "compile_s", "{:.1f}"),
     ("compile CPU-s", "compile_cpu_s", "{:.1f}"),
     ("GFLOP/img", "gflop_per_img", "{:.2f}"),
-    ("% peak (CPU-s)", "peak_fraction", "{:.0%}"),
+    ("% peak", "peak_fraction", "{:.0%}"),
     ("host peak GB", "host_peak_gb", "{:.2f}"),
     ("XLA buffers GB", "xla_buffers_gb", "{:.2f}"),
     ("device peak GB", "device_peak_gb", "{:.2f}"),
@@ -425,7 +470,8 @@ def build_specs(args) -> list[RowSpec]:
                              **variant))
       if args.compare == "timm":
         specs.append(RowSpec(model=model, mode=mode, framework="timm", batch=args.batch,
-                             resolution=args.resolution, optimizer=args.optimizer,
+                             resolution=args.resolution, dtype=args.dtype,
+                             optimizer=args.optimizer,
                              warmup=args.warmup, runs=args.runs))
   return specs
 
@@ -442,10 +488,17 @@ def _variants(args) -> list[dict]:
 def run_benchmark(specs: list[RowSpec], *, rounds: int = 1, isolate: bool = True,
                   log=print) -> list[dict]:
   """Measures the matmul peak, then every row (`rounds` times, interleaved)."""
+  import jax
   from vit_jax import platform
   platform.configure_cpu_devices(specs[0].devices or None if specs else None)
-  peak, peak_cpu = matmul_peak_gflops()
-  log(f"matmul peak (jitted float32 2048^3): {peak:.1f} GFLOP/s, {peak_cpu:.1f} per CPU-s")
+  backend = jax.default_backend()
+  if backend == "gpu":  # timm runs on the same accelerator.
+    specs = [dataclasses.replace(s, torch_device="cuda") if s.framework == "timm" else s
+             for s in specs]
+  dtype = specs[0].dtype if specs and backend != "cpu" else "float32"
+  peak, peak_cpu = matmul_peak_gflops(dtype=dtype)
+  log(f"matmul peak (jitted {dtype} on {backend}): {peak:.1f} GFLOP/s, "
+      f"{peak_cpu:.1f} per CPU-s")
   all_rounds = []
   for i in range(rounds):
     results = []
@@ -459,13 +512,13 @@ def run_benchmark(specs: list[RowSpec], *, rounds: int = 1, isolate: bool = True
     all_rounds.append(results)
   results = _median_of_rounds(all_rounds)
   # The machine may be shared: take the better of the peaks measured before and after.
-  peak_after, peak_cpu_after = matmul_peak_gflops()
+  peak_after, peak_cpu_after = matmul_peak_gflops(dtype=dtype)
   peak, peak_cpu = max(peak, peak_after), max(peak_cpu, peak_cpu_after)
   log(f"matmul peak, best before/after: {peak:.1f} GFLOP/s, {peak_cpu:.1f} per CPU-s")
   for r in results:
     r.update(matmul_peak_gflops=peak, matmul_peak_gflops_per_cpu_s=peak_cpu)
     if r.get("flops") and r.get("cpu_seconds"):
-      r["peak_fraction"] = _peak_fraction(r, peak_cpu)
+      r["peak_fraction"] = _peak_fraction(r, peak_cpu, peak)
   add_timm_ratios(results)
   return results
 
@@ -501,6 +554,8 @@ def _parse_args(argv):
 
 def main(argv=None) -> None:
   args = _parse_args(argv)
+  # The parent (matmul peak) and every row's process share one GPU: none may take it all.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if args._row:  # A child process measuring one row.
     print(json.dumps(measure_row(RowSpec(**json.loads(args._row)), args._peak or None)))
     return
