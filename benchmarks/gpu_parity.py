@@ -1,26 +1,52 @@
 """GPU check: attention implementations and bf16 agree with float32 XLA (logits, grad norm).
 
-Run from the repository root: PYTHONPATH=. python benchmarks/gpu_parity.py
+Run from the repository root on a GPU machine:  PYTHONPATH=. python benchmarks/gpu_parity.py
+Results of 2026-11-26 on an H200: benchmarks/2026-11-26-h200.md.
 """
-import jax, jax.numpy as jnp, numpy as np
+
+import jax
+import jax.numpy as jnp
+
 from vit_jax import models
-print("jax", jax.__version__, jax.devices())
-x = jax.random.uniform(jax.random.PRNGKey(1), (8, 224, 224, 3), minval=-1, maxval=1)
-ref = None
-for dtype in ("float32", "bfloat16"):
-  for impl in ("xla", "dot_product", "cudnn"):
-    if dtype == "float32" and impl == "cudnn":
-      continue
-    m = models.create("ViT-B_16", num_classes=1000, dtype=dtype, attention_impl=impl,
-                      head_bias_init=0.0)
-    if ref is None:
-      params = m.init(jax.random.PRNGKey(0), x[:1])["params"]
-      # A non-zero head so that logits carry the whole network's output.
-      params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), params["head"]["kernel"].shape) * 0.02
-    out = jax.jit(lambda p, x: m.apply({"params": p}, x))(params, x).astype(jnp.float32)
-    g = jax.jit(jax.grad(lambda p, x: jnp.mean(m.apply({"params": p}, x, train=True).astype(jnp.float32) ** 2)))(params, x)
-    gn = float(jnp.sqrt(sum(jnp.sum(l.astype(jnp.float32) ** 2) for l in jax.tree_util.tree_leaves(g))))
-    if ref is None:
-      ref, ref_gn = out, gn
-    err = float(jnp.max(jnp.abs(out - ref))); scale = float(jnp.max(jnp.abs(ref)))
-    print(f"{dtype:9s} {impl:12s} max|logits - f32 xla| = {err:.2e} (max|logits| {scale:.2e}) grad norm {gn:.6e} (f32 xla {ref_gn:.6e})")
+
+VARIANTS = [("float32", "xla"), ("float32", "dot_product"), ("bfloat16", "xla"),
+            ("bfloat16", "dot_product"), ("bfloat16", "cudnn")]
+
+
+def random_params(model, images):
+  """Initial parameters with a random head, so that the logits carry the whole network."""
+  params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+  head = params["head"]["kernel"]
+  params["head"]["kernel"] = 0.02 * jax.random.normal(jax.random.PRNGKey(2), head.shape)
+  return params
+
+
+def logits_and_grad_norm(model, params, images):
+  logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+
+  def loss(p, x):
+    return jnp.mean(model.apply({"params": p}, x, train=True).astype(jnp.float32) ** 2)
+
+  grads = jax.jit(jax.grad(loss))(params, images)
+  norm = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
+  return logits.astype(jnp.float32), float(norm)
+
+
+def main():
+  print("jax", jax.__version__, jax.devices())
+  images = jax.random.uniform(jax.random.PRNGKey(1), (8, 224, 224, 3), minval=-1, maxval=1)
+  params = reference = reference_norm = None
+  for dtype, impl in VARIANTS:
+    model = models.create("ViT-B_16", num_classes=1000, dtype=dtype, attention_impl=impl)
+    params = random_params(model, images) if params is None else params
+    logits, norm = logits_and_grad_norm(model, params, images)
+    if reference is None:
+      reference, reference_norm = logits, norm
+    error = float(jnp.max(jnp.abs(logits - reference)))
+    print(f"{dtype:9s} {impl:12s} max|logits - f32 xla| = {error:.2e} "
+          f"(max|logits| {float(jnp.max(jnp.abs(reference))):.2e}) "
+          f"grad norm {norm:.6e} (f32 xla {reference_norm:.6e})")
+
+
+if __name__ == "__main__":
+  main()
