@@ -43,7 +43,10 @@ class MAPHead(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """ViT classifier. `__call__(images, *, train)`: NHWC float images -> logits.
+  """ViT classifier. `__call__(images, *, train, patch_fn)`: NHWC float images -> logits.
+
+  `patch_fn` (optional): [batch, patches, dim] -> same, applied to the patch embeddings
+  before the class token and position embeddings (masked patch prediction, models/mpp.py).
 
   Logits are [batch, classes] for 'token', 'gap' and 'map'; [batch, tokens, classes] for
   'unpooled' (patch tokens) and 'token_unpooled' (class token first). With
@@ -72,7 +75,7 @@ class VisionTransformer(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False, patch_fn=None):
     self._check_options()
     self._check_images(images)
     dtype = jnp.dtype(self.dtype)
@@ -85,6 +88,8 @@ class VisionTransformer(nn.Module):
                 name="embedding")(x)
     batch, rows, cols, dim = x.shape
     x = x.reshape(batch, rows * cols, dim)
+    if patch_fn is not None:
+      x = patch_fn(x)
     num_prefix = 1 if self.classifier in ("token", "token_unpooled") else 0
     if num_prefix:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, dim))
