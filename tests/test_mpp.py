@@ -70,9 +70,11 @@ def test_corruption_counts_are_exact_and_split_80_10_10():
   assert 0 <= source.min() and source.max() < 2000 * 16
   # Corrupted positions are uniform over the patches (each ~1/2 of the time).
   np.testing.assert_allclose(corrupted.mean(0), 0.5, atol=0.05)
-  counts = [int(_corruption_masks(jax.random.key(1), 3, n, rate=r).corrupted[0].sum())
-            for n, r in [(10, 0.3), (10, 0.25), (16, 1.0), (4, 0.01)]]
+  counts = [mpp_model.num_corrupted(n, r) for n, r in [(10, 0.3), (10, 0.25), (16, 1.0),
+                                                       (4, 0.01)]]
   assert counts == [3, 3, 16, 1]  # 2.5 rounds up; at least one.
+  quarter = _corruption_masks(jax.random.key(1), 3, 10, rate=0.25)
+  np.testing.assert_array_equal(np.asarray(quarter.corrupted).sum(1), [3, 3, 3])
 
 
 def test_corruption_is_deterministic_per_rng():
@@ -173,23 +175,29 @@ def _quadrant_batch(batch=16, seed=0) -> dict:
   return {"image": colours.repeat(8, axis=1).repeat(8, axis=2)}
 
 
-def _mpp_setup(mesh, **overrides):
-  config = make_config(optimizer="adam", lr=1e-2, warmup_steps=2, total_steps=30,
-                       schedule="cosine", grad_clip_norm=1.0, batch_size=16, **overrides)
-  model = mpp.create_model(config)
-  state, shardings = train.create_train_state(config, model, mesh, rng=0)
-  step_fn = mpp.make_mpp_train_step(config, model, mesh, shardings)
-  batch = {"image": jax.device_put(_quadrant_batch()["image"], sharding.batch_sharding(mesh))}
-  return state, step_fn, batch
+def _mpp_config():
+  return make_config(optimizer="adam", lr=1e-2, warmup_steps=2, total_steps=30,
+                     schedule="cosine", grad_clip_norm=1.0, batch_size=16)
+
+
+def _on_mesh(state, mesh):
+  """A jitted MPP step for `mesh` and the batch there (state: a TrainState's layout)."""
+  config = _mpp_config()
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  step_fn = mpp.make_mpp_train_step(config, mpp.create_model(config), mesh, shardings)
+  return step_fn, jax.device_put(_quadrant_batch()["image"], sharding.batch_sharding(mesh))
 
 
 def test_loss_goes_down_on_eight_devices_and_matches_one_device():
   mesh = sharding.make_mesh([("data", -1)])
   assert mesh.devices.size == 8
-  state, step_fn, batch = _mpp_setup(mesh)
+  config = _mpp_config()
+  state, _ = train.create_train_state(config, mpp.create_model(config), mesh, rng=0)
+  initial = train.to_host(state)  # The step donates its input.
+  step_fn, images = _on_mesh(state, mesh)
   history = []
   for _ in range(30):
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, {"image": images})
     history.append({k: float(v) for k, v in metrics.items()})
   losses = [m["loss"] for m in history]
   assert losses[0] == pytest.approx(np.log(512), abs=1e-4)  # Zero head: uniform.
@@ -201,12 +209,14 @@ def test_loss_goes_down_on_eight_devices_and_matches_one_device():
   assert np.mean([m["accuracy"] for m in history[-5:]]) > 0.08, history[-5:]
   assert int(state.step) == 30
 
+  # The same two steps on one device draw the same corruption and give the same numbers.
   one = sharding.make_mesh([("data", -1)], devices=jax.devices()[:1])
-  state1, step1, batch1 = _mpp_setup(one)
+  state = jax.device_put(initial, sharding.replicated(one))
+  step_fn, images = _on_mesh(state, one)
   for _ in range(2):
-    state1, metrics1 = step1(state1, batch1)
+    state, metrics = step_fn(state, {"image": images})
   for key in ("loss", "accuracy", "grad_norm", "learning_rate"):
-    np.testing.assert_allclose(float(metrics1[key]), history[1][key], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(float(metrics[key]), history[1][key], rtol=1e-4, err_msg=key)
 
 
 # ------------------------------------------------------------------------ bad input
