@@ -1,8 +1,15 @@
 """Masked patch prediction (ViT paper, App. B.1.2) on scikit-learn's digits: a recipe.
 
 Self-supervised pre-training of configs/default.py's ViT (16 px images, 4 x 4 patches,
-width 64, 4 layers); the encoder (params['vit']) can then be fine-tuned with the default
-job. The trainer (`vit_jax.main`) does not run MPP; drive it with vit_jax/mpp.py:
+width 64, 4 layers), then fine-tuning of its encoder with the default job:
+
+  python -m vit_jax.main --config=configs/mpp_digits.py --workdir=workdir/mpp
+  python -m vit_jax.main --config=configs/default.py --workdir=workdir/mpp_ft \
+      --config.init_from=workdir/mpp
+
+The trainer runs MPP for any config with an `mpp` field: its evaluation reports the
+colour accuracy on the corrupted patches and it exports the encoder's parameters. The
+same in a hand-written loop (vit_jax/mpp.py):
 
   config = mpp_digits.get_config()
   mesh = sharding.make_mesh(config.mesh)

@@ -249,3 +249,43 @@ def test_bad_inputs_and_configs_are_rejected():
   mesh = sharding.make_mesh(config.mesh)
   with pytest.raises(ValueError, match="no gradient accumulation"):
     mpp.make_mpp_train_step(config, mpp.create_model(config), mesh, None)
+
+
+# ------------------------------------------------------------------ through the trainer
+
+
+def _tiny_mpp_config(**overrides):
+  """configs/mpp_digits.py shrunk like the trainer tests' tiny classification config."""
+  from trainer_fixtures import load_config_file, shrink
+  return shrink(load_config_file("mpp_digits"), **{
+      **dict(total_steps=60, eval_every=30, checkpoint_every=30, log_every=30), **overrides})
+
+
+def test_trainer_runs_mpp_and_exports_an_encoder_that_fine_tunes(tmp_path):
+  from trainer_fixtures import tiny_config
+  from vit_jax import checkpoint, reporting, trainer
+  workdir = str(tmp_path / "mpp")
+  summary = trainer.train_and_evaluate(_tiny_mpp_config(), workdir)
+  records = reporting.read_metrics(workdir)
+  losses = [r["loss"] for r in records if r["kind"] == "train"]
+  assert losses[0] < np.log(512) and losses[-1] < 0.6 * losses[0], losses
+  evals = [r for r in records if r["kind"] == "eval"]
+  assert [r["step"] for r in evals] == [30, 60]
+  # 360 test digits x 8 of their 16 patches corrupted, padding masked.
+  assert evals[-1]["num_examples"] == 360 * 8
+  assert summary["accuracy"] > 1 / 8  # Above chance among the 8 grey colours.
+  encoder = checkpoint.restore_params(summary["params_dir"])
+  assert "embedding" in encoder and "mask_token" not in encoder and "head" not in encoder
+  tuned = trainer.train_and_evaluate(
+      tiny_config(init_from=workdir, total_steps=60, eval_every=60, checkpoint_every=60,
+                  plots=False), str(tmp_path / "tuned"))
+  tuned_params = checkpoint.restore_params(tuned["params_dir"])
+  np.testing.assert_array_equal(tuned_params["head"]["kernel"].shape, (32, 10))
+  # Learning from the pre-trained encoder: above chance (0.1) and below ln(10) in loss.
+  assert tuned["accuracy"] > 0.15 and tuned["eval_loss"] < np.log(10) - 0.1, tuned
+
+
+def test_trainer_refuses_mpp_from_a_checkpoint(tmp_path):
+  from vit_jax import trainer
+  with pytest.raises(ValueError, match="pre-trains from scratch"):
+    trainer.train_and_evaluate(_tiny_mpp_config(init_from=str(tmp_path)), str(tmp_path / "w"))

@@ -29,7 +29,11 @@ TINY_FLAGS = {
 
 def tiny_config(**overrides):
   """The default digits job shrunk to the tiny model; `overrides` set top-level fields."""
-  config = load_config_file("default")
+  return shrink(load_config_file("default"), **overrides)
+
+
+def shrink(config, **overrides):
+  """`config` with TINY_FLAGS applied, then `overrides` (top-level fields)."""
   for key, value in TINY_FLAGS.items():
     node = config
     *parents, leaf = key.split(".")

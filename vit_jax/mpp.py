@@ -9,6 +9,10 @@ carry uint8 images only ('label' is ignored); the targets come from the images.
   state, shardings = train.create_train_state(config, model, mesh, rng=config.seed)
   step_fn = mpp.make_mpp_train_step(config, model, mesh, shardings)
   state, metrics = step_fn(state, batch)  # metrics: loss, accuracy, learning_rate, grad_norm
+
+`python -m vit_jax.main --config=configs/mpp_digits.py` runs it in the trainer (any config
+with an `mpp` field): evaluation then reports the accuracy of the colour prediction on
+the corrupted patches (`make_mpp_eval_step`) and the exported parameters are the encoder's.
 """
 
 import jax
@@ -97,3 +101,34 @@ def make_mpp_train_step(config, model, mesh, state_shardings):
   return jax.jit(step, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
                  donate_argnums=0)
+
+
+EVAL_SEED = 0  # Every evaluation corrupts the same patches, so evaluations compare.
+
+
+def make_mpp_eval_step(config, model, mesh, state_shardings):
+  """A jitted `eval_fn(params, batch) -> sums` over the corrupted patches of real examples.
+
+  The same keys as `train.make_eval_step` ('correct', 'correct_top5', 'loss_sum',
+  'count'), counted per corrupted patch instead of per image, so the trainer's evaluation
+  and best-checkpoint logic work unchanged. The corruption is drawn from EVAL_SEED.
+  """
+  del config  # Same signature as train.make_eval_step.
+
+  def eval_fn(params, batch):
+    images = batch["image"]
+    train.check_batch_size(images.shape[0], mesh, what="The eval batch's size")
+    real = batch.get("mask", jnp.ones(images.shape[:1], bool))
+    output = model.apply({"params": params}, normalize_images(images), train=False,
+                         corrupt=True, rngs={"mpp": jax.random.PRNGKey(EVAL_SEED)})
+    weights = (output.corrupted & real[:, None]).astype(jnp.float32)
+    xent = optax.softmax_cross_entropy_with_integer_labels(output.logits, output.targets)
+    _, best = jax.lax.top_k(output.logits, 5)
+    top1 = (best[..., 0] == output.targets).astype(jnp.float32)
+    top5 = jnp.any(best == output.targets[..., None], axis=-1).astype(jnp.float32)
+    return {"correct": jnp.sum(top1 * weights), "correct_top5": jnp.sum(top5 * weights),
+            "loss_sum": jnp.sum(xent * weights), "count": jnp.sum(weights)}
+
+  return jax.jit(eval_fn,
+                 in_shardings=(state_shardings.params, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=sharding_lib.replicated(mesh))

@@ -5,7 +5,8 @@ model, state and input pipeline, resumes from the newest checkpoint in `workdir`
 from `config.init_from`), trains to `config.total_steps` with evaluation and checkpoints
 every N steps, and leaves metrics, plots and the final parameters in `workdir`.
 SIGTERM (preemption) saves a checkpoint and returns; a NaN loss stops the run with
-`TrainingDivergedError` and keeps the last good checkpoint.
+`TrainingDivergedError` and keeps the last good checkpoint. A config with an `mpp` field
+runs self-supervised masked patch prediction instead of classification (`vit_jax/mpp.py`).
 """
 
 import os
@@ -19,6 +20,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import data
 from vit_jax import models
+from vit_jax import mpp
 from vit_jax import optim
 from vit_jax import reporting
 from vit_jax import sharding
@@ -207,10 +209,30 @@ def _diverged_error(err: TrainingDivergedError, ckpt, ckpt_dir) -> TrainingDiver
       "Lower config.lr, raise config.warmup_steps or keep config.grad_clip_norm on.")
 
 
-def _export_params(params, workdir) -> str:
+def _export_params(params, workdir, config) -> str:
+  """Saves the final parameters; for MPP the encoder's (what fine-tuning starts from)."""
   path = os.path.join(os.path.abspath(workdir), PARAMS_DIR)
-  checkpoint.save_params(path, params, force=True)
+  checkpoint.save_params(path, params["vit"] if _is_mpp(config) else params, force=True)
   return path
+
+
+def _is_mpp(config) -> bool:
+  return config.get("mpp", None) is not None
+
+
+def _make_model(config, num_classes):
+  if _is_mpp(config):
+    return mpp.create_model(config)
+  return models.from_config(config.model, num_classes)
+
+
+def _make_steps(config, model, mesh, shardings):
+  """(train_step, eval_step) of the config's objective: classification or MPP."""
+  if _is_mpp(config):
+    return (mpp.make_mpp_train_step(config, model, mesh, shardings),
+            mpp.make_mpp_eval_step(config, model, mesh, shardings))
+  return (train.make_train_step(config, model, mesh, shardings),
+          train.make_eval_step(config, model, mesh, shardings))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -226,8 +248,7 @@ class _Loop:
     self.state = state
     self.total = int(config.total_steps)
     self.step = int(jax.device_get(state.step))
-    self.train_step = train.make_train_step(config, model, mesh, shardings)
-    self.eval_step = train.make_eval_step(config, model, mesh, shardings)
+    self.train_step, self.eval_step = _make_steps(config, model, mesh, shardings)
     self.batches = data.prefetch_to_mesh(train_iter, mesh, size=config.get("prefetch", 2),
                                          batch_axes=sharding.batch_axes(mesh))
     self.buffer = _MetricsBuffer()
@@ -341,12 +362,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   check_batch_sizes(config, mesh)
   # On the command line --config.init_from=None arrives as the string 'None'.
   from_scratch = config.get("init_from") in (None, "", "None", "none")
+  if _is_mpp(config) and not from_scratch:
+    raise ValueError("Masked patch prediction (config.mpp) pre-trains from scratch; set "
+                     "--config.init_from=None, or drop config.mpp to fine-tune a classifier.")
   init_path = None if from_scratch else resolve_init_from(config.init_from)
   workdir = os.path.abspath(workdir)
 
   info = data.get_info(config)
   num_classes = config.num_classes or info.num_classes
-  model = models.from_config(config.model, num_classes)
+  model = _make_model(config, num_classes)
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                       max_to_keep=config.keep_checkpoints, keep_best=True,
                                       best_metric="accuracy",
@@ -357,7 +381,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               is_main=jax.process_index() == 0,
                               progress_bar=config.get("progress_bar", False))
   report.write_config(config)
-  report.info(f"Workdir {workdir}: {config.model.name} ({num_classes} classes, "
+  task = "masked patch prediction" if _is_mpp(config) else f"{num_classes} classes"
+  report.info(f"Workdir {workdir}: {config.model.name} ({task}, "
               f"{config.model.image_size} px) on {info.name}, {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}, "
               f"{jax.process_count()} process(es).")
@@ -375,7 +400,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   params_dir, plots = None, []
   if not loop.preempted:
-    params_dir = _export_params(loop.state.params, workdir)
+    params_dir = _export_params(loop.state.params, workdir, config)
     if config.get("plots", True):
       plots = report.plot()
   metrics = loop.eval_metrics or {}
