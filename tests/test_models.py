@@ -165,6 +165,25 @@ def test_remat_and_attention_impls_keep_the_math():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, grads_ref)
 
 
+def test_auto_attention_picks_cudnn_only_on_gpus_in_half_precision():
+  from vit_jax.models.attention import resolve_impl
+  assert resolve_impl("auto", jnp.bfloat16, False, backend="gpu") == "cudnn"
+  assert resolve_impl("auto", jnp.float16, False, backend="gpu") == "cudnn"
+  assert resolve_impl("auto", jnp.float32, False, backend="gpu") == "xla"
+  assert resolve_impl("auto", jnp.bfloat16, True, backend="gpu") == "xla"  # relative logits
+  assert resolve_impl("auto", jnp.bfloat16, False, backend="cpu") == "xla"
+  assert resolve_impl("dot_product", jnp.float32, False, backend="gpu") == "dot_product"
+  with pytest.raises(ValueError, match="Unknown attention impl 'flash'"):
+    resolve_impl("flash", jnp.float32, False)
+  images = _images()
+  auto = models.create("testing", num_classes=5)
+  assert auto.attention_impl == "auto"
+  params = _randomize(auto.init(jax.random.key(0), images)["params"])
+  explicit = models.create("testing", num_classes=5, attention_impl="xla")
+  np.testing.assert_array_equal(auto.apply({"params": params}, images),
+                                explicit.apply({"params": params}, images))
+
+
 def test_padded_attention_equals_unpadded_outputs_and_grads():
   """The 'cudnn' path pads 197 tokens to 256 and masks them; checked here through XLA."""
   from vit_jax.models.attention import padded_dot_product_attention

@@ -56,7 +56,7 @@ class RowSpec:
   devices: int = 0  # XLA CPU devices; 0 = one per core.
   scan: bool = False
   remat: str = "none"
-  attention: str = "xla"
+  attention: str = "auto"  # The model's default: cuDNN on a GPU in bf16, else 'xla'.
   optimizer: str = "adam"
   num_classes: int = 1000
   warmup: int = 2
@@ -74,7 +74,7 @@ class RowSpec:
       parts.append("scan")
     if self.remat != "none":
       parts.append(f"remat={self.remat}")
-    if self.attention != "xla":
+    if self.attention != "auto":
       parts.append(f"attn={self.attention}")
     if self.dtype != "float32":
       parts.append(self.dtype)
@@ -535,7 +535,8 @@ def _parse_args(argv):
                  help="XLA CPU devices to shard the batch over (0: one per core)")
   p.add_argument("--scan", default="false", help="false, true or 'false,true'")
   p.add_argument("--remat", default="none", help="comma-separated jax.checkpoint_policies")
-  p.add_argument("--attention", default="xla", help="comma-separated: xla,dot_product,cudnn")
+  p.add_argument("--attention", default="auto",
+                 help="comma-separated: auto,xla,dot_product,cudnn")
   p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--runs", type=int, default=5,

@@ -15,7 +15,23 @@ import jax.numpy as jnp
 
 from vit_jax.models import posembed
 
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
+
+
+def resolve_impl(impl: str, dtype, has_bias: bool, backend: Optional[str] = None) -> str:
+  """The implementation 'auto' stands for; any other name is returned as it is.
+
+  'auto' is 'cudnn' on a GPU in bfloat16 or float16 without relative-position logits
+  (measured faster than timm there, see benchmarks/2026-11-26-h200.md) and 'xla'
+  elsewhere (the explicit softmax, the fastest on the CPU).
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"Unknown attention impl {impl!r}; choose one of {ATTENTION_IMPLS}.")
+  if impl != "auto":
+    return impl
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  on_gpu = (backend or jax.default_backend()) == "gpu"
+  return "cudnn" if on_gpu and half and not has_bias else "xla"
 
 
 class _Projection(nn.Module):
@@ -45,8 +61,8 @@ class SelfAttention(nn.Module):
   Attributes:
     num_heads: number of heads; dim must be divisible by it.
     dropout_rate: dropout on the attention weights (train only).
-    impl: 'xla' (explicit softmax), 'dot_product' (jax.nn.dot_product_attention, XLA
-      chooses), 'cudnn' (jax.nn.dot_product_attention flash kernel, GPU only, bf16/fp16;
+    impl: 'auto' (see `resolve_impl`), 'xla' (explicit softmax), 'dot_product'
+      (jax.nn.dot_product_attention, XLA chooses), 'cudnn' (jax.nn.dot_product_attention flash kernel, GPU only, bf16/fp16;
       tokens padded to a multiple of 64 and masked, see `padded_dot_product_attention`).
     relative_grid: when set, adds relative-position logits (posemb 'relative').
   When the 'intermediates' collection is mutable, the attention weights
@@ -54,7 +70,7 @@ class SelfAttention(nn.Module):
   """
   num_heads: int
   dropout_rate: float = 0.0
-  impl: str = "xla"
+  impl: str = "auto"
   relative_grid: Optional[tuple[int, int]] = None
   num_prefix_tokens: int = 0
   dtype: Any = jnp.float32
@@ -71,12 +87,11 @@ class SelfAttention(nn.Module):
         for name in ("query", "key", "value")])
     needs_weights = (self.is_mutable_collection("intermediates")
                      or (self.dropout_rate > 0 and not deterministic))
-    if self.impl not in ATTENTION_IMPLS:
-      raise ValueError(f"Unknown attention impl {self.impl!r}; choose one of {ATTENTION_IMPLS}.")
-    if self.impl == "xla" or needs_weights:
+    impl = resolve_impl(self.impl, self.dtype, self.relative_grid is not None)
+    if impl == "xla" or needs_weights:
       out = self._explicit_attention(x, kernels, biases, deterministic)
     else:
-      out = self._fused_attention(x, kernels, biases)
+      out = self._fused_attention(x, kernels, biases, impl)
     out_kernel, out_bias = _Projection(heads + (dim,), (dim,), in_axes=2, name="out")()
     return (jnp.einsum("bhte,hed->btd", out, out_kernel.astype(self.dtype))
             + out_bias.astype(self.dtype))
@@ -109,13 +124,13 @@ class SelfAttention(nn.Module):
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
     return jnp.einsum("bhqk,bhkd->bhqd", weights, value)
 
-  def _fused_attention(self, x, kernels, biases):
+  def _fused_attention(self, x, kernels, biases, impl):
     """jax.nn.dot_product_attention (XLA or cuDNN); out [batch, heads, tokens, head_dim]."""
     qkv_kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # [dim, 3, heads, head_dim]
     qkv = jnp.einsum("btd,dkhe->btkhe", x, qkv_kernel) + jnp.stack(biases).astype(self.dtype)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, tokens, heads, head_dim]
     bias = self._relative_bias(query)
-    if self.impl == "cudnn":
+    if impl == "cudnn":
       out = padded_dot_product_attention(query, key, value, bias, implementation="cudnn")
     else:
       out = jax.nn.dot_product_attention(query, key, value, bias=bias)

@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.scan = False
   c.remat_policy = "none"
-  c.attention_impl = "xla"
+  c.attention_impl = "auto"
   return c
 
 

@@ -66,7 +66,7 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   approximate_gelu: bool = True
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   relative_grid: Optional[tuple[int, int]] = None
   num_prefix_tokens: int = 0
   deterministic: bool = True
@@ -107,7 +107,7 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   approximate_gelu: bool = True
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   scan: bool = False
   remat_policy: str = "none"
   dtype: Any = jnp.float32

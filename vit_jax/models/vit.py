@@ -72,7 +72,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = "float32"
   scan: bool = False
   remat_policy: str = "none"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, patch_fn=None):
