@@ -172,6 +172,8 @@ def test_auto_attention_picks_cudnn_only_on_gpus_in_half_precision():
   assert resolve_impl("auto", jnp.float32, False, backend="gpu") == "xla"
   assert resolve_impl("auto", jnp.bfloat16, True, backend="gpu") == "xla"  # relative logits
   assert resolve_impl("auto", jnp.bfloat16, False, backend="cpu") == "xla"
+  assert resolve_impl("auto", jnp.bfloat16, False, backend="gpu", head_dim=36) == "xla"
+  assert resolve_impl("auto", jnp.bfloat16, False, backend="gpu", head_dim=80) == "cudnn"
   assert resolve_impl("dot_product", jnp.float32, False, backend="gpu") == "dot_product"
   with pytest.raises(ValueError, match="Unknown attention impl 'flash'"):
     resolve_impl("flash", jnp.float32, False)

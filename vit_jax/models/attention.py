@@ -18,12 +18,14 @@ from vit_jax.models import posembed
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
 
 
-def resolve_impl(impl: str, dtype, has_bias: bool, backend: Optional[str] = None) -> str:
+def resolve_impl(impl: str, dtype, has_bias: bool, backend: Optional[str] = None,
+                 head_dim: int = 64) -> str:
   """The implementation 'auto' stands for; any other name is returned as it is.
 
-  'auto' is 'cudnn' on a GPU in bfloat16 or float16 without relative-position logits
-  (measured faster than timm there, see benchmarks/2026-11-26-h200.md) and 'xla'
-  elsewhere (the explicit softmax, the fastest on the CPU).
+  'auto' is 'cudnn' on a GPU in bfloat16 or float16 without relative-position logits and
+  with a head size cuDNN's flash kernels take (a multiple of 8, at most 128; measured
+  faster than timm there, see benchmarks/2026-11-26-h200.md), and 'xla' elsewhere (the
+  explicit softmax, the fastest on the CPU).
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"Unknown attention impl {impl!r}; choose one of {ATTENTION_IMPLS}.")
@@ -31,7 +33,8 @@ def resolve_impl(impl: str, dtype, has_bias: bool, backend: Optional[str] = None
     return impl
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   on_gpu = (backend or jax.default_backend()) == "gpu"
-  return "cudnn" if on_gpu and half and not has_bias else "xla"
+  flash_head = head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if on_gpu and half and flash_head and not has_bias else "xla"
 
 
 class _Projection(nn.Module):
@@ -87,7 +90,8 @@ class SelfAttention(nn.Module):
         for name in ("query", "key", "value")])
     needs_weights = (self.is_mutable_collection("intermediates")
                      or (self.dropout_rate > 0 and not deterministic))
-    impl = resolve_impl(self.impl, self.dtype, self.relative_grid is not None)
+    impl = resolve_impl(self.impl, self.dtype, self.relative_grid is not None,
+                        head_dim=head_dim)
     if impl == "xla" or needs_weights:
       out = self._explicit_attention(x, kernels, biases, deterministic)
     else:
