@@ -1,7 +1,8 @@
 """Masked patch prediction training: the loss and a sharded, jitted train step.
 
-The step is `train.make_train_step`'s counterpart for `models.mpp.MaskedPatchPredictor`:
-the same TrainState, optimizer (`optim.make_optimizer`), schedule and NamedShardings
+The step is `train.make_train_step` with `mpp_batch_loss` for
+`models.mpp.MaskedPatchPredictor` (the eval step `train.make_eval_step` with
+`mpp_eval_sums`): the same TrainState, optimizer, schedule and NamedShardings
 (`train.create_train_state`), so it runs unchanged on 1 device or a mesh of many. Batches
 carry uint8 images only ('label' is ignored); the targets come from the images.
 
@@ -20,8 +21,6 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax import models
-from vit_jax import optim
-from vit_jax import sharding as sharding_lib
 from vit_jax import train
 from vit_jax.data.images import normalize_images
 from vit_jax.models.mpp import MaskedPatchPredictor, MppOutput
@@ -53,82 +52,59 @@ def mpp_loss(output: MppOutput):
   return jnp.sum(xent * weights) / count, jnp.sum(hits * weights) / count
 
 
-def _loss_and_grads_fn(model, param_shardings):
-  """(params, uint8 images, rng) -> ((loss, accuracy), grads laid out like the params)."""
-  def loss_and_grads(params, images, rng):
+def mpp_batch_loss(model):
+  """`batch_loss(params, batch, rng) -> (loss, {'accuracy': ...})` for train.make_train_step.
+
+  rng is split into the dropout and the corruption ('mpp') streams.
+  """
+  def batch_loss(params, batch, rng):
     dropout_rng, mpp_rng = jax.random.split(rng)
-
-    def loss(p):
-      output = model.apply({"params": p}, normalize_images(images), train=True,
-                           rngs={"dropout": dropout_rng, "mpp": mpp_rng})
-      return mpp_loss(output)
-
-    values, grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return values, jax.lax.with_sharding_constraint(grads, param_shardings)
-  return loss_and_grads
+    output = model.apply({"params": params}, normalize_images(batch["image"]), train=True,
+                         rngs={"dropout": dropout_rng, "mpp": mpp_rng})
+    loss, accuracy = mpp_loss(output)
+    return loss, {"accuracy": accuracy}
+  return batch_loss
 
 
 def make_mpp_train_step(config, model, mesh, state_shardings):
-  """A jitted `step_fn(state, batch) -> (state, metrics)`; the input state is donated.
+  """`train.make_train_step` with the MPP loss; the input state is donated.
 
   batch: {'image': uint8 [global_batch, h, w, channels], ...} as global jax.Arrays.
   metrics: float32 scalars 'loss' (cross-entropy over the corrupted patches), 'accuracy'
   (top-1 on the corrupted patches), 'learning_rate' (used by this step) and 'grad_norm'.
   Each step draws its own corruption and dropout from state.rng and the step number.
-  Gradient accumulation is not supported (config.accum_steps must be 1).
+  There is no gradient accumulation (config.accum_steps must be 1): micro-batches would
+  draw the "random other patch" from the micro-batch, not the batch, so they would not
+  equal one step on the whole batch.
   """
   accum = config.get("accum_steps", 1)
   if accum not in (None, 1):
     raise ValueError(f"The MPP step has no gradient accumulation; config.accum_steps must "
                      f"be 1, got {accum}.")
-  train.check_batch_size(int(config.batch_size), mesh)
-  schedule, tx = optim.make_schedule(config), optim.make_optimizer(config)
-  loss_and_grads = _loss_and_grads_fn(model, state_shardings.params)
-
-  def step(state, batch):
-    images = batch["image"]
-    train.check_batch_size(images.shape[0], mesh, what="The batch's size")
-    rng = jax.random.fold_in(state.rng, state.step)
-    (loss, accuracy), grads = loss_and_grads(state.params, images, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
-    return new_state, metrics
-
-  return jax.jit(step, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                 donate_argnums=0)
+  return train.make_train_step(config, model, mesh, state_shardings,
+                               batch_loss=mpp_batch_loss(model))
 
 
 EVAL_SEED = 0  # Every evaluation corrupts the same patches, so evaluations compare.
 
 
-def make_mpp_eval_step(config, model, mesh, state_shardings):
-  """A jitted `eval_fn(params, batch) -> sums` over the corrupted patches of real examples.
+def mpp_eval_sums(model):
+  """`batch_sums(params, batch, mask) -> sums` for train.make_eval_step, per corrupted patch.
 
-  The same keys as `train.make_eval_step` ('correct', 'correct_top5', 'loss_sum',
-  'count'), counted per corrupted patch instead of per image, so the trainer's evaluation
-  and best-checkpoint logic work unchanged. The corruption is drawn from EVAL_SEED.
+  The same keys as the classifier's ('correct', 'correct_top5', 'loss_sum', 'count'),
+  counted over the corrupted patches of real (mask > 0) images, so the trainer's
+  evaluation and best-checkpoint logic work unchanged. The corruption comes from EVAL_SEED.
   """
-  del config  # Same signature as train.make_eval_step.
-
-  def eval_fn(params, batch):
-    images = batch["image"]
-    train.check_batch_size(images.shape[0], mesh, what="The eval batch's size")
-    real = batch.get("mask", jnp.ones(images.shape[:1], bool))
-    output = model.apply({"params": params}, normalize_images(images), train=False,
+  def batch_sums(params, batch, mask):
+    output = model.apply({"params": params}, normalize_images(batch["image"]), train=False,
                          corrupt=True, rngs={"mpp": jax.random.PRNGKey(EVAL_SEED)})
-    weights = (output.corrupted & real[:, None]).astype(jnp.float32)
+    weights = output.corrupted.astype(jnp.float32) * mask[:, None]
     xent = optax.softmax_cross_entropy_with_integer_labels(output.logits, output.targets)
-    _, best = jax.lax.top_k(output.logits, 5)
-    top1 = (best[..., 0] == output.targets).astype(jnp.float32)
-    top5 = jnp.any(best == output.targets[..., None], axis=-1).astype(jnp.float32)
-    return {"correct": jnp.sum(top1 * weights), "correct_top5": jnp.sum(top5 * weights),
-            "loss_sum": jnp.sum(xent * weights), "count": jnp.sum(weights)}
+    return train.top_k_sums(output.logits, output.targets, xent, weights)
+  return batch_sums
 
-  return jax.jit(eval_fn,
-                 in_shardings=(state_shardings.params, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=sharding_lib.replicated(mesh))
+
+def make_mpp_eval_step(config, model, mesh, state_shardings):
+  """`train.make_eval_step` with `mpp_eval_sums`."""
+  return train.make_eval_step(config, model, mesh, state_shardings,
+                              batch_sums=mpp_eval_sums(model))

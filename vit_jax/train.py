@@ -226,33 +226,44 @@ def _microbatches(x, accum: int, mesh):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _loss_and_grads_fn(model, loss_fn, param_shardings):
-  """(params, uint8 images, labels, rng) -> (mean loss, grads laid out like the params)."""
-  def loss_and_grads(params, images, labels, rng):
-    def loss(p):
-      logits = model.apply({"params": p}, normalize_images(images), train=True,
-                           rngs={"dropout": rng})
-      return jnp.mean(loss_fn(logits, labels))
-    value, grads = jax.value_and_grad(loss)(params)
-    return value, jax.lax.with_sharding_constraint(grads, param_shardings)
+def classification_loss(model, loss_fn) -> Callable:
+  """The classifier's `batch_loss(params, batch, rng) -> (mean loss, {})`.
+
+  batch: {'image': uint8 [batch, h, w, c], 'label': int [batch]}; rng drives dropout.
+  """
+  def batch_loss(params, batch, rng):
+    logits = model.apply({"params": params}, normalize_images(batch["image"]), train=True,
+                         rngs={"dropout": rng})
+    return jnp.mean(loss_fn(logits, batch["label"])), {}
+  return batch_loss
+
+
+def _loss_and_grads_fn(batch_loss, param_shardings):
+  """(params, batch, rng) -> ((loss, metrics), grads laid out like the params)."""
+  def loss_and_grads(params, batch, rng):
+    values, grads = jax.value_and_grad(batch_loss, has_aux=True)(params, batch, rng)
+    return values, jax.lax.with_sharding_constraint(grads, param_shardings)
   return loss_and_grads
 
 
-def _accumulate(loss_and_grads, params, images, labels, rng, accum: int, mesh):
-  """Mean loss and grads over `accum` equal micro-batches, one at a time (lax.scan)."""
+def _accumulate(loss_and_grads, params, batch, rng, accum: int, mesh):
+  """Mean (loss, metrics) and grads over `accum` equal micro-batches, one at a time."""
+  micro = (jnp.arange(accum),
+           jax.tree_util.tree_map(lambda x: _microbatches(x, accum, mesh), batch))
+
   def body(carry, micro):
-    index, imgs, lbls = micro
-    value, grads = loss_and_grads(params, imgs, lbls, jax.random.fold_in(rng, index))
-    return (carry[0] + value, jax.tree_util.tree_map(jnp.add, carry[1], grads)), None
+    index, micro_batch = micro
+    out = loss_and_grads(params, micro_batch, jax.random.fold_in(rng, index))
+    return jax.tree_util.tree_map(jnp.add, carry, out), None
 
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-  micro = (jnp.arange(accum), _microbatches(images, accum, mesh),
-           _microbatches(labels, accum, mesh))
-  (total, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
-  return total / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(lambda m: loss_and_grads(params, m[1], rng), first)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(body, zeros, micro)
+  return jax.tree_util.tree_map(lambda t: t / accum, total)
 
 
-def make_train_step(config, model, mesh, state_shardings):
+def make_train_step(config, model, mesh, state_shardings, batch_loss=None):
   """A jitted `step_fn(state, batch) -> (state, metrics)`; the input state is donated.
 
   batch: {'image': uint8 [global_batch, h, w, 3], 'label': int32 [global_batch]} as global
@@ -260,27 +271,30 @@ def make_train_step(config, model, mesh, state_shardings):
   batch), 'learning_rate' (used by this step), 'grad_norm' (global norm before clipping).
   With config.accum_steps > 1 the batch is processed in that many equal micro-batches
   and their gradients averaged, which equals one step on the whole batch.
+  batch_loss: `(params, batch, rng) -> (loss, metrics)` for another objective (e.g.
+  `mpp.mpp_batch_loss`; its metrics join the step's); default: `classification_loss`.
   """
   accum = config.get("accum_steps", 1)
   accum = 1 if accum is None else int(accum)
   check_batch_size(int(config.batch_size), mesh, accum)
   schedule, tx = optim.make_schedule(config), optim.make_optimizer(config)
-  loss_and_grads = _loss_and_grads_fn(model, make_loss_fn(config, model.num_classes),
-                                      state_shardings.params)
+  if batch_loss is None:
+    batch_loss = classification_loss(model, make_loss_fn(config, model.num_classes))
+  loss_and_grads = _loss_and_grads_fn(batch_loss, state_shardings.params)
 
   def step(state, batch):
-    images, labels = batch["image"], batch["label"]
-    check_batch_size(images.shape[0], mesh, accum, what="The batch's size")
+    check_batch_size(batch["image"].shape[0], mesh, accum, what="The batch's size")
     rng = jax.random.fold_in(state.rng, state.step)
     if accum == 1:
-      loss, grads = loss_and_grads(state.params, images, labels, rng)
+      (loss, extra), grads = loss_and_grads(state.params, batch, rng)
     else:
-      loss, grads = _accumulate(loss_and_grads, state.params, images, labels, rng, accum, mesh)
+      (loss, extra), grads = _accumulate(loss_and_grads, state.params, batch, rng, accum, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-    metrics = {"loss": loss, "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+    metrics = {"loss": loss, **extra,
+               "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
                "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
@@ -289,25 +303,39 @@ def make_train_step(config, model, mesh, state_shardings):
                  donate_argnums=0)
 
 
-def make_eval_step(config, model, mesh, state_shardings):
+def top_k_sums(logits, labels, losses, weights, k: int = 5) -> dict:
+  """Weighted sums 'correct' (top-1), 'correct_top5' (top-k), 'loss_sum' and 'count'.
+
+  logits [..., classes]; labels, losses and weights (0 for padding) of shape [...].
+  """
+  top1 = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  _, best = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+  topk = jnp.any(best == labels[..., None], axis=-1).astype(jnp.float32)
+  return {"correct": jnp.sum(top1 * weights), "correct_top5": jnp.sum(topk * weights),
+          "loss_sum": jnp.sum(losses * weights), "count": jnp.sum(weights)}
+
+
+def make_eval_step(config, model, mesh, state_shardings, batch_sums=None):
   """A jitted `eval_fn(params, batch) -> sums` over the examples where batch['mask'].
 
   Returns float32 scalars: 'correct' (top-1), 'correct_top5', 'loss_sum' (config.loss
   without label smoothing) and 'count' (real, unpadded examples).
+  batch_sums: `(params, batch, mask float [batch]) -> those sums` for another objective
+  (e.g. `mpp.mpp_eval_sums`, counted per patch); default: the classifier's.
   """
-  loss_fn = make_loss_fn(config, model.num_classes, smoothing=False)
-  top_k = min(5, model.num_classes)
+  if batch_sums is None:
+    loss_fn = make_loss_fn(config, model.num_classes, smoothing=False)
+
+    def batch_sums(params, batch, mask):
+      logits = model.apply({"params": params}, normalize_images(batch["image"]), train=False)
+      labels = batch["label"]
+      return top_k_sums(logits, labels, loss_fn(logits, labels), mask)
 
   def eval_fn(params, batch):
-    images, labels = batch["image"], batch["label"]
-    check_batch_size(images.shape[0], mesh, what="The eval batch's size")
-    mask = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
-    logits = model.apply({"params": params}, normalize_images(images), train=False)
-    top1 = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    _, best = jax.lax.top_k(logits, top_k)
-    top5 = jnp.any(best == labels[:, None], axis=-1).astype(jnp.float32)
-    return {"correct": jnp.sum(top1 * mask), "correct_top5": jnp.sum(top5 * mask),
-            "loss_sum": jnp.sum(loss_fn(logits, labels) * mask), "count": jnp.sum(mask)}
+    size = batch["image"].shape[0]
+    check_batch_size(size, mesh, what="The eval batch's size")
+    mask = batch.get("mask", jnp.ones((size,), bool)).astype(jnp.float32)
+    return batch_sums(params, batch, mask)
 
   return jax.jit(eval_fn,
                  in_shardings=(state_shardings.params, sharding_lib.batch_sharding(mesh)),

@@ -65,8 +65,9 @@ class SelfAttention(nn.Module):
     num_heads: number of heads; dim must be divisible by it.
     dropout_rate: dropout on the attention weights (train only).
     impl: 'auto' (see `resolve_impl`), 'xla' (explicit softmax), 'dot_product'
-      (jax.nn.dot_product_attention, XLA chooses), 'cudnn' (jax.nn.dot_product_attention flash kernel, GPU only, bf16/fp16;
-      tokens padded to a multiple of 64 and masked, see `padded_dot_product_attention`).
+      (jax.nn.dot_product_attention, XLA chooses), 'cudnn' (its flash kernel, GPU only,
+      bf16/fp16; tokens padded to a multiple of 64 and masked, see
+      `padded_dot_product_attention`).
     relative_grid: when set, adds relative-position logits (posemb 'relative').
   When the 'intermediates' collection is mutable, the attention weights
   [batch, heads, q_tokens, k_tokens] are sown as `attention_weights`.
