@@ -39,7 +39,7 @@ setup(
     description="The Vision Transformer in JAX/Flax: models, checkpoints, sharded training.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["vit_jax", "vit_jax.*"]),
+    packages=find_packages(include=["vit_jax", "vit_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

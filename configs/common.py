@@ -9,7 +9,6 @@ import ml_collections
 from ml_collections import config_dict
 
 from vit_jax import models
-from vit_jax import sharding
 
 # Training-split sizes, for turning epochs into steps.
 TRAIN_SIZES = {
@@ -54,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = config_dict.placeholder(str)  # None: from scratch; else .npz / Orbax dir / workdir.
   c.resample_posemb = "zoom"  # How position embeddings are resized when init_from's grid differs.
   c.seed = 0
+  # What is learned (vit_jax/training/objectives): 'classification' | 'mpp' (masked patch
+  # prediction, self-supervised; its corruption in c.mpp).
+  c.objective = "classification"
+  c.mpp = ml_collections.ConfigDict(dict(rate=0.5, mask_frac=0.8, random_frac=0.1, bits=3))
 
   # Data (see vit_jax/data).
   c.dataset = "digits"
@@ -61,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train_split = "train"
   c.eval_split = "test"
   c.batch_size = 512  # Global, over all devices and processes.
-  c.eval_batch_size = 512
+  c.eval_batch_size = 512  # None: the same as batch_size.
   c.data_workers = 0  # grain worker processes; 0 = threads in the training process.
   c.data_threads = 2
   c.prefetch = 2  # Batches placed on the devices ahead of the step.
@@ -72,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.pp.flip = True
   c.pp.skip_corrupt = False
 
-  # Optimisation (see vit_jax/optim.py and vit_jax/train.py).
+  # Optimisation (see vit_jax/training/optim.py and vit_jax/training/objectives).
   c.total_steps = 10_000
   c.warmup_steps = 500
   c.optimizer = "sgd"  # 'sgd' | 'adam'
@@ -92,8 +95,16 @@ def get_config() -> ml_collections.ConfigDict:
   # --config.mesh="(('data', 4), ('model', 2))".
   c.mesh = (("data", -1),)
   c.fsdp = False  # Shard parameters and optimizer state over the batch axes too.
-  # Multi-host: mode auto | on | off, or an explicit coordinator (see vit_jax/sharding.py).
-  c.distributed = sharding.default_distributed_config()
+  c.fsdp_min_size = 2**14  # Parameters with fewer elements stay replicated under FSDP.
+  # Multi-host (see vit_jax/parallel/distributed.py): mode 'auto' initialises when the
+  # environment shows a multi-process job (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS, a
+  # multi-worker Cloud TPU); 'on' always calls jax.distributed.initialize; 'off' never.
+  # An explicit coordinator_address needs num_processes and process_id too.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.mode = "auto"
+  c.distributed.coordinator_address = config_dict.placeholder(str)
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
 
   # Loop, checkpoints and reporting.
   c.log_every = 50

@@ -6,13 +6,9 @@ module prepares the dataset on first use, nothing is downloaded. On a 2-core CPU
 a few minutes and reaches >= 95 % test accuracy (see README, "The main job").
 """
 
-import os
-import sys
+from configs import common
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from vit_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vit_jax import models
 
 
 def get_config(arg=None):

@@ -6,11 +6,7 @@ the head and resamples the 4x4 position-embedding grid to 8x8 (the paper's fine-
 higher resolution), and trains with the paper's fine-tuning recipe (SGD momentum, cosine).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default
 
 
 def get_config(arg=None):

@@ -6,11 +6,7 @@ pre-training also accepts imagenet21k. Fields can be overridden, e.g.
 `--config.init_from=/path/ViT-H_14.npz --config.batch_size=256 --config.accum_steps=2`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config(arg=None):

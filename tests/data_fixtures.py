@@ -3,7 +3,6 @@
 import os
 
 import cv2
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -104,12 +103,16 @@ def write_image_folder(root):
 
 
 def small_config(**kwargs):
+  """configs/common.py with a small batch and crop; `kwargs` set top-level fields, `pp` a
+  dict of pipeline fields."""
+  from configs import common  # pylint: disable=g-import-not-at-top
   pp = kwargs.pop('pp', {})
-  cfg = {'dataset': 'digits', 'data_dir': None, 'train_split': 'train',
-         'eval_split': 'test', 'batch_size': 8, 'eval_batch_size': 8,
-         'data_workers': 0,
-         'pp': {'crop': 16, 'eval_mode': 'resize', 'area_range': (0.05, 1.0),
-                'flip': True, 'skip_corrupt': False}}
+  cfg = common.get_config()
+  cfg.update({'dataset': 'digits', 'data_dir': None, 'train_split': 'train',
+              'eval_split': 'test', 'batch_size': 8, 'eval_batch_size': 8,
+              'data_workers': 0})
+  cfg.pp.update({'crop': 16, 'eval_mode': 'resize', 'area_range': (0.05, 1.0),
+                 'flip': True, 'skip_corrupt': False})
   cfg.update(kwargs)
-  cfg['pp'].update(pp)
-  return ml_collections.ConfigDict(cfg)
+  cfg.pp.update(pp)
+  return cfg

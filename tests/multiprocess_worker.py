@@ -1,7 +1,7 @@
 """Tiny train-step setups shared by the tests, and the worker that test_multiprocess starts.
 
 As a script: one process of a multi-process CPU job. It joins the job through
-`sharding.initialize_distributed`, builds a mesh over all processes' devices, feeds only
+`parallel.distributed.initialize_distributed`, builds a mesh over all processes' devices, feeds only
 its own rows of the global batch, runs `--steps` train steps and writes the losses and
 the final (gathered) params to `--out/process_{id}.npz`.
 
@@ -21,15 +21,45 @@ IMAGE_SIZE = 16
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
-  """A train config for the tiny 'testing' model: SGD, no warmup, no clipping."""
+  """configs/common.py for the tiny 'testing' model: SGD, no warmup, no clipping."""
+  from configs import common  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
-  c = ml_collections.ConfigDict(dict(
-      model=models.get_config("testing"), batch_size=32, total_steps=100, warmup_steps=0,
-      optimizer="sgd", lr=0.1, momentum=0.9, b1=0.9, b2=0.999, weight_decay=0.0,
-      grad_clip_norm=0.0, schedule="cosine", loss="softmax_xent", label_smoothing=0.0,
-      accum_steps=1, mesh=[("data", -1)], fsdp=False, fsdp_min_size=2**14))
+  c = common.get_config()
+  c.model = models.get_config("testing")
+  c.pp.crop = IMAGE_SIZE
+  c.update(dict(
+      batch_size=32, eval_batch_size=32, total_steps=100, warmup_steps=0, optimizer="sgd",
+      lr=0.1, momentum=0.9, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip_norm=0.0,
+      schedule="cosine", loss="softmax_xent", label_smoothing=0.0, accum_steps=1,
+      mesh=(("data", -1),), fsdp=False, fsdp_min_size=2**14))
   c.update(overrides)
   return c
+
+
+def abstract_state(config, model, mesh):
+  """The abstract TrainState of `config` for `model`, as the trainer lays it out."""
+  from vit_jax.training import optim, state  # pylint: disable=g-import-not-at-top
+  return state.abstract_train_state(model, optim.make_optimizer(config), mesh,
+                                    **state.layout_options(config))
+
+
+def create_state(config, model, mesh, *, rng=0, init_params=None):
+  """(state, shardings) of `config` for `model`, as the trainer creates them."""
+  from vit_jax.training import optim, state  # pylint: disable=g-import-not-at-top
+  return state.create_train_state(model, optim.make_optimizer(config), mesh, rng=rng,
+                                  init_params=init_params, **state.layout_options(config))
+
+
+def train_step(config, model, mesh, shardings):
+  """The trainer's jitted step for `config.objective`."""
+  from vit_jax.training import objectives  # pylint: disable=g-import-not-at-top
+  return objectives.make_train_step(objectives.get(config), config, model, mesh, shardings)
+
+
+def eval_step(config, model, mesh, shardings):
+  """The trainer's jitted eval step for `config.objective`."""
+  from vit_jax.training import objectives  # pylint: disable=g-import-not-at-top
+  return objectives.make_eval_step(objectives.get(config), config, model, mesh, shardings)
 
 
 def random_params(abstract_params, seed: int = 0):
@@ -62,12 +92,12 @@ def run_steps(config, mesh, local_batch_fn, steps: int, params=None):
 
   local_batch_fn(mesh) -> the batch as global jax.Arrays on `mesh`.
   """
-  from vit_jax import models, train  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
   model = models.from_config(config.model, NUM_CLASSES)
   if params is None:
-    params = random_params(train.abstract_train_state(config, model, mesh).params)
-  state, shardings = train.create_train_state(config, model, mesh, rng=0, init_params=params)
-  step_fn = train.make_train_step(config, model, mesh, shardings)
+    params = random_params(abstract_state(config, model, mesh).params)
+  state, shardings = create_state(config, model, mesh, init_params=params)
+  step_fn = train_step(config, model, mesh, shardings)
   batch = local_batch_fn(mesh)
   losses = []
   for _ in range(steps):
@@ -83,14 +113,14 @@ def _parse_mesh(text: str):
 
 def _worker(args):
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from vit_jax.parallel import distributed, mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
   config = make_config(fsdp=True, fsdp_min_size=1024, mesh=_parse_mesh(args.mesh))
-  config.distributed = sharding.default_distributed_config()
   config.distributed.coordinator_address = f"127.0.0.1:{args.port}"
   config.distributed.num_processes = args.num_processes
   config.distributed.process_id = args.process_id
-  sharding.initialize_distributed(config)
+  distributed.initialize_distributed(config)
   assert jax.process_count() == args.num_processes, jax.process_count()
 
   def local_batch(mesh):
@@ -98,13 +128,13 @@ def _worker(args):
     full = fixed_batch(config.batch_size)
     rows = config.batch_size // jax.process_count()
     start = jax.process_index() * rows
-    spec = sharding.batch_sharding(mesh)
+    spec = mesh_lib.batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(spec, v[start:start + rows])
             for k, v in full.items()}
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   losses, state = run_steps(config, mesh, local_batch, args.steps)
-  params = train.to_host(state.params)
+  params = checkpoints.to_host(state.params)
   dense0 = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
   np.savez(os.path.join(args.out, f"process_{args.process_id}.npz"),
            losses=np.asarray(losses), global_devices=jax.device_count(),

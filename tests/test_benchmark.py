@@ -1,12 +1,17 @@
 """Smoke tests of the speed benchmark on the tiny 'testing' model (1 timed run per row)."""
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from vit_jax import benchmark
+from vit_jax.perf import machine, measure
+from vit_jax.perf import table as table_lib
+from vit_jax.perf import rows as rows_lib
 
 TINY = dict(model="testing", batch=8, resolution=16, num_classes=10, warmup=1, runs=1)
 
@@ -20,15 +25,15 @@ def _forward_matmul_flops(tokens=17, dim=32, mlp=128, layers=2, patches=16, patc
 
 @pytest.fixture(scope="module")
 def results():
-  specs = [benchmark.RowSpec(mode=mode, **TINY) for mode in benchmark.MODES]
-  specs.append(benchmark.RowSpec(mode="train", scan=True, **TINY))
-  return benchmark.run_benchmark(specs, isolate=False, log=lambda s: None)
+  specs = [rows_lib.RowSpec(mode=mode, **TINY) for mode in rows_lib.MODES]
+  specs.append(rows_lib.RowSpec(mode="train", scan=True, **TINY))
+  return table_lib.run_benchmark(specs, isolate=False, log=lambda s: None)
 
 
 def test_table_has_every_column_and_one_row_per_spec(results):
-  lines = benchmark.format_table(results).splitlines()
+  lines = table_lib.format_table(results).splitlines()
   header = [c.strip() for c in lines[0].strip("|").split("|")]
-  assert header == [h for h, _, _ in benchmark.COLUMNS]
+  assert header == [h for h, _, _ in table_lib.COLUMNS]
   assert len(lines) == 2 + len(results) == 5
   for line in lines[2:]:
     cells = [c.strip() for c in line.strip("|").split("|")]
@@ -60,34 +65,34 @@ def test_numbers_are_positive_and_flops_match_the_model(results):
 
 def test_timm_ratio_pairs_rows_of_the_same_model_and_mode():
   def row(framework, mode, img_per_s):
-    spec = benchmark.RowSpec(model="ViT-Ti_16", mode=mode, framework=framework)
-    return {"spec": json.loads(json.dumps(benchmark.dataclasses.asdict(spec))),
+    spec = rows_lib.RowSpec(model="ViT-Ti_16", mode=mode, framework=framework)
+    return {"spec": json.loads(json.dumps(dataclasses.asdict(spec))),
             "img_per_s": img_per_s, "label": spec.label}
   rows = [row("jax", "infer", 60.0), row("timm", "infer", 40.0), row("jax", "train", 9.0)]
-  benchmark.add_timm_ratios(rows)
+  table_lib.add_timm_ratios(rows)
   assert rows[0]["vs_timm"] == pytest.approx(1.5)
   assert "vs_timm" not in rows[2]
-  table = benchmark.format_table(rows)
+  table = table_lib.format_table(rows)
   assert "| 1.50x |" in table and "timm vit_tiny_patch16_224" in table
 
 
 def test_peak_fraction_uses_cpu_seconds_on_cpu_and_wall_time_on_accelerators():
   row = {"flops": 100e9, "seconds": 2.0, "cpu_seconds": 4.0}
-  assert benchmark._peak_fraction({**row, "backend": "cpu"}, 50.0, 100.0) == pytest.approx(0.5)
-  assert benchmark._peak_fraction({**row, "backend": "gpu"}, 50.0, 100.0) == pytest.approx(0.5)
-  assert benchmark._peak_fraction({**row, "backend": "gpu"}, 50.0, 200.0) == pytest.approx(0.25)
+  assert rows_lib.peak_fraction({**row, "backend": "cpu"}, 50.0, 100.0) == pytest.approx(0.5)
+  assert rows_lib.peak_fraction({**row, "backend": "gpu"}, 50.0, 100.0) == pytest.approx(0.5)
+  assert rows_lib.peak_fraction({**row, "backend": "gpu"}, 50.0, 200.0) == pytest.approx(0.25)
 
 
 def test_flops_reader_accepts_missing_cost_analyses():
-  assert benchmark._flops(None) is None
-  assert benchmark._flops([]) is None
-  assert benchmark._flops({"bytes accessed": 1.0}) is None
-  assert benchmark._flops([{"flops": 3.0}]) == 3.0
+  assert measure.flops_of(None) is None
+  assert measure.flops_of([]) is None
+  assert measure.flops_of({"bytes accessed": 1.0}) is None
+  assert measure.flops_of([{"flops": 3.0}]) == 3.0
 
 
 def test_model_and_benchmark_import_without_the_data_pipeline_libraries():
   """An accelerator machine with only JAX needs no grain or tensorflow-datasets."""
-  code = ("import sys, vit_jax.benchmark, vit_jax.train, vit_jax.models; "
+  code = ("import sys, vit_jax.benchmark, vit_jax.training.step, vit_jax.models; "
           "from vit_jax.data import normalize_images; "
           "print(sorted(m for m in ('grain', 'tensorflow_datasets') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -101,13 +106,28 @@ def test_cli_runs_rows_in_subprocesses_and_writes_json(tmp_path, capsys):
   rows = json.loads(out.read_text())
   assert len(rows) == 1 and rows[0]["spec"]["mode"] == "infer"
   assert rows[0]["img_per_s"] > 0 and rows[0]["host_peak_gb"] > 0.1
-  assert "| testing | infer | jax |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| testing | infer | jax |" in out
+  assert out.splitlines()[0] == machine.describe()  # Every table says where it ran.
+
+
+def test_machine_line_names_the_cpu_model_cores_and_isa(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+                     "flags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile amx_bf16\n"
+                     "processor\t: 1\nmodel name\t: other\nflags\t\t: sse\n")
+  cores = len(os.sched_getaffinity(0))
+  assert machine.describe(str(cpuinfo)) == (
+      f"CPU: Intel(R) Xeon(R) Platinum 8481C, {cores} cores "
+      "(AVX2, FMA, AVX-512F, AVX512-BF16, AMX, AMX-BF16)")
+  cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n")
+  assert machine.describe(str(cpuinfo)) == f"CPU: AMD EPYC, {cores} cores (AVX2, FMA)"
 
 
 def test_bad_input_is_explained():
   with pytest.raises(ValueError, match="Unknown mode 'eval'"):
-    benchmark.measure_row(benchmark.RowSpec(**{**TINY, "mode": "eval"}))
+    rows_lib.measure_row(rows_lib.RowSpec(**{**TINY, "mode": "eval"}))
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    benchmark.measure_row(benchmark.RowSpec(**{**TINY, "mode": "infer", "batch": 6}))
+    rows_lib.measure_row(rows_lib.RowSpec(**{**TINY, "mode": "infer", "batch": 6}))
   with pytest.raises(ValueError, match="No timm counterpart"):
-    benchmark.measure_row(benchmark.RowSpec(**{**TINY, "mode": "infer", "framework": "timm"}))
+    rows_lib.measure_row(rows_lib.RowSpec(**{**TINY, "mode": "infer", "framework": "timm"}))

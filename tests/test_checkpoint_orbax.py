@@ -16,8 +16,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vit_jax import checkpoint, models
-from vit_jax.checkpoint import CheckpointError, TrainCheckpointer
+from vit_jax import checkpoints, models
+from vit_jax.checkpoints import CheckpointError, TrainCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,23 +60,23 @@ def _assert_equal(a, b):
 
 
 def test_params_round_trip_bit_exact(tmp_path, params):
-  checkpoint.save_params(tmp_path / "p", params)
-  restored = checkpoint.restore_params(tmp_path / "p")
+  checkpoints.save_params(tmp_path / "p", params)
+  restored = checkpoints.restore_params(tmp_path / "p")
   _assert_equal(params, restored)
   assert isinstance(jax.tree.leaves(restored)[0], np.ndarray)
   with pytest.raises(FileExistsError, match="force=True"):
-    checkpoint.save_params(tmp_path / "p", params)
+    checkpoints.save_params(tmp_path / "p", params)
 
 
 @pytest.mark.parametrize("save_devices,restore_devices", [(8, 1), (1, 8)])
 def test_params_across_device_layouts(tmp_path, params, save_devices, restore_devices):
   saved = _shard(params, _mesh(save_devices))
-  checkpoint.save_params(tmp_path / "p", saved)
+  checkpoints.save_params(tmp_path / "p", saved)
   target_mesh = _mesh(restore_devices)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
                         target, jax.tree.map(lambda x: x.sharding, _shard(params, target_mesh)))
-  restored = checkpoint.restore_params(tmp_path / "p", target)
+  restored = checkpoints.restore_params(tmp_path / "p", target)
   _assert_equal(params, restored)
   emb = restored["embedding"]["kernel"]
   assert len(emb.sharding.device_set) == restore_devices
@@ -139,15 +139,15 @@ def test_keeps_last_k_and_best(tmp_path, params):
 
 def test_finetune_from_orbax_directory(tmp_path, params):
   """load_pretrained reads save_params directories (also scanned) and TrainCheckpointer ones."""
-  checkpoint.save_params(tmp_path / "p", params)
-  checkpoint.save_params(tmp_path / "scanned", {"params": models.unrolled_to_scan(params)})
+  checkpoints.save_params(tmp_path / "p", params)
+  checkpoints.save_params(tmp_path / "scanned", {"params": models.unrolled_to_scan(params)})
   with TrainCheckpointer(tmp_path / "ck", async_save=False) as ck:
     ck.save(3, _state(params, _mesh(8)))
   init = jax.eval_shape(models.create("testing", num_classes=2).init, jax.random.key(0),
                         jnp.zeros((1, 16, 16, 3)))["params"]
   config = models.get_config("testing")
   for path in (tmp_path / "p", tmp_path / "scanned", tmp_path / "ck", tmp_path / "ck" / "3"):
-    new = checkpoint.load_pretrained(path, init, config)
+    new = checkpoints.load_pretrained(path, init, config)
     np.testing.assert_array_equal(new["embedding"]["kernel"], params["embedding"]["kernel"])
     np.testing.assert_array_equal(new["head"]["kernel"], np.zeros((32, 2)))
 
@@ -160,14 +160,14 @@ _ORBAX_FAILURE_NOISE = pytest.mark.filterwarnings(
 
 @_ORBAX_FAILURE_NOISE
 def test_damaged_orbax_directory_gives_clear_error(tmp_path, params):
-  checkpoint.save_params(tmp_path / "p", params)
+  checkpoints.save_params(tmp_path / "p", params)
   data_files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "p" / "d") for f in fs]
   assert data_files
   for f in data_files:
     with open(f, "r+b") as fh:
       fh.truncate(max(os.path.getsize(f) // 3, 1))
   with pytest.raises(CheckpointError, match="damaged or incomplete"):
-    checkpoint.restore_params(tmp_path / "p")
+    checkpoints.restore_params(tmp_path / "p")
   gc.collect()
 
 
@@ -195,7 +195,7 @@ _KILLED_WRITER = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp, numpy as np
     import orbax.checkpoint as ocp
-    from vit_jax.checkpoint import TrainCheckpointer
+    from vit_jax.checkpoints import TrainCheckpointer
 
     directory = sys.argv[1]
     state = {"w": jnp.arange(1000.0), "step": jnp.asarray(0)}

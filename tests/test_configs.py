@@ -8,7 +8,7 @@ from ml_collections import config_flags
 
 from trainer_fixtures import CONFIGS, load_config_file
 from vit_jax import models
-from vit_jax import optim
+from vit_jax.training import optim
 
 RECIPES = {"vit_b16": "ViT-B_16", "vit_l16": "ViT-L_16", "vit_h14": "ViT-H_14",
            "r50_vit_b16": "R50+ViT-B_16"}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, convert, models
+from vit_jax import checkpoints, convert, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def npz(tmp_path_factory):
   params = jax.tree.unflatten(tree, [rng.normal(size=x.shape).astype(np.float32) * 0.3
                                      for x in leaves])
   path = tmp_path_factory.mktemp("src") / "params.npz"
-  checkpoint.save_npz(path, params)
+  checkpoints.save_npz(path, params)
   return path
 
 
@@ -63,7 +63,7 @@ def test_npz_hf_directory_loads_in_transformers(tmp_path, npz):
   x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
   with torch.no_grad():
     theirs = peer(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).logits.numpy()
-  params = checkpoint.load_npz(npz)
+  params = checkpoints.load_npz(npz)
   ours = models.create("testing", num_classes=5).apply({"params": params}, x)
   assert np.abs(np.asarray(ours) - theirs).max() < 1e-4
   # Back without --model: config.json gives the heads.

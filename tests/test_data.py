@@ -11,7 +11,8 @@ import pytest
 import data_fixtures as fx
 from vit_jax import data
 from vit_jax.data import images as images_lib
-from vit_jax.data import prepare as prepare_lib
+from vit_jax.data import preparation as prepare_lib
+from vit_jax import prepare as prepare_cmd
 
 
 @pytest.fixture(scope='session')
@@ -270,7 +271,7 @@ def test_image_folder_mixed_formats(folder):
 def test_prepared_folder_is_used(folder, tmp_path):
   cfg = fx.small_config(dataset=folder, data_dir=str(tmp_path), eval_batch_size=7)
   direct = next(iter(data.make_eval_iterator(cfg, process_index=0, process_count=1)))
-  assert prepare_lib.main([folder, '--data_dir', str(tmp_path)]) == 0
+  assert prepare_cmd.main([folder, '--data_dir', str(tmp_path)]) == 0
   info = data.get_info(cfg)
   assert info.name == 'shapes' and info.class_names == ('blue', 'gray', 'red')
   prepared = next(iter(data.make_eval_iterator(cfg, process_index=0, process_count=1)))
@@ -341,7 +342,7 @@ def test_unprepared_dataset_prints_command(tmp_path):
   cfg = fx.small_config(dataset='vit_test_tiny', data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError) as e:
     data.make_train_iterator(cfg, seed=0, process_index=0, process_count=1)
-  assert f'python -m vit_jax.data.prepare vit_test_tiny --data_dir {tmp_path}' in str(e.value)
+  assert f'python -m vit_jax.prepare vit_test_tiny --data_dir {tmp_path}' in str(e.value)
   assert isinstance(e.value, data.DatasetNotPreparedError)
 
 
@@ -407,7 +408,7 @@ def test_skip_corrupt_counts_and_masks(tmp_path):
 
 
 def test_prepare_cli_reports_errors(tmp_path, capsys):
-  assert prepare_lib.main(['no_such_dataset_xyz', '--data_dir', str(tmp_path)]) == 2
+  assert prepare_cmd.main(['no_such_dataset_xyz', '--data_dir', str(tmp_path)]) == 2
   assert "Unknown tfds dataset 'no_such_dataset_xyz'" in capsys.readouterr().err
 
 
@@ -482,7 +483,7 @@ def test_prepare_numpy_image_dataset_without_tensorflow(tmp_path):
 
 def test_eval_resize_crop_mode_and_batch_size_fallback(folder):
   cfg = fx.small_config(dataset=folder, batch_size=4, pp={'eval_mode': 'resize_crop', 'crop': 12})
-  del cfg['eval_batch_size']
+  cfg.eval_batch_size = None  # None: the training batch size.
   batches = list(data.make_eval_iterator(cfg, process_index=1, process_count=2))
   assert data.num_eval_batches(cfg, process_count=2) == 2 == len(batches)
   assert batches[0]['image'].shape == (2, 12, 12, 3)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import checkpoint, models
-from vit_jax.evaluate import analyze, attention, fewshot, plots, posemb
+from vit_jax import checkpoints, models
+from vit_jax.evaluate import analysis, attention, fewshot, plots, posemb
 
 
 def _clusters(n_per_class, num_classes=4, dim=8, seed=0, spread=0.1):
@@ -126,9 +126,9 @@ def test_analyze_a_workdir(tmp_path):
   (workdir / "config.json").write_text(json.dumps(config.to_dict()))
   model = models.from_config(config.model, 10)
   params = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
-  checkpoint.save_params(str(workdir / "params"), params)
+  checkpoints.save_params(str(workdir / "params"), params)
 
-  result = analyze.analyse(str(workdir), str(tmp_path / "out"), num_images=3, shots=(1, 5),
+  result = analysis.analyse(str(workdir), str(tmp_path / "out"), num_images=3, shots=(1, 5),
                            fewshot_examples=300)
   assert sorted(os.path.basename(p) for p in result["plots"]) == [
       "attention_distance.png", "attention_maps.png", "posemb_similarity.png"]

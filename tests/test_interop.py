@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-from vit_jax import checkpoint, models  # noqa: E402
+from vit_jax import checkpoints, models  # noqa: E402
 from vit_jax.interop import hf, timm as vt  # noqa: E402
+from vit_jax.models import params as names
 
 TOL = 1e-4
 
@@ -72,8 +73,8 @@ def test_timm_parity_and_round_trip(name, overrides):
   _assert_state_dicts_equal(vt.to_timm(params), state)
   # ours -> timm -> ours is bit-exact too (scanned params are accepted).
   again = vt.from_timm(vt.to_timm(models.unrolled_to_scan(params)), num_heads=config.num_heads)
-  for k, v in checkpoint.flatten(params).items():
-    np.testing.assert_array_equal(checkpoint.flatten(again)[k], v, err_msg=k)
+  for k, v in names.flatten(params).items():
+    np.testing.assert_array_equal(names.flatten(again)[k], v, err_msg=k)
 
 
 def test_finetune_resolution_change_matches_timm_resample(tmp_path):
@@ -83,7 +84,7 @@ def test_finetune_resolution_change_matches_timm_resample(tmp_path):
   config = _config("ViT-Ti_16", layers=1)
   peer224 = _perturb(vt.create_timm_model(config, num_classes=10))
   state = peer224.state_dict()
-  checkpoint.save_npz(tmp_path / "t.npz", vt.from_timm(state, num_heads=3))
+  checkpoints.save_npz(tmp_path / "t.npz", vt.from_timm(state, num_heads=3))
 
   state384 = dict(state)
   state384["pos_embed"] = resample_abs_pos_embed(
@@ -95,7 +96,7 @@ def test_finetune_resolution_change_matches_timm_resample(tmp_path):
 
   init = jax.eval_shape(models.from_config(config, 10).init, jax.random.key(0),
                         jax.ShapeDtypeStruct((1, 384, 384, 3), np.float32))["params"]
-  params = checkpoint.load_pretrained(tmp_path / "t.npz", init, config, resample="bilinear",
+  params = checkpoints.load_pretrained(tmp_path / "t.npz", init, config, resample="bilinear",
                                       allow_mismatch=["head/*"])
   params["head"] = vt.from_timm(state, num_heads=3)["head"]  # Compare the whole network.
   pe = params["Transformer"]["posembed_input"]["pos_embedding"]
@@ -108,7 +109,7 @@ def test_finetune_resolution_change_matches_timm_resample(tmp_path):
 
 def test_bicubic_matches_torch_interpolate():
   grid = np.random.default_rng(1).normal(size=(7, 7, 5)).astype(np.float32)
-  ours = checkpoint.resample_grid(grid, (12, 12), "bicubic")
+  ours = models.resample_grid(grid, (12, 12), "bicubic")
   theirs = torch.nn.functional.interpolate(
       torch.from_numpy(grid).permute(2, 0, 1)[None], size=(12, 12), mode="bicubic",
       align_corners=False)[0].permute(1, 2, 0).numpy()
@@ -149,8 +150,8 @@ def test_hf_classification_parity_round_trip_and_hub_files(tmp_path):
   np.testing.assert_array_equal(_torch_forward(loaded, x).logits.numpy(), theirs)
   again = hf.from_hf(safetensors.numpy.load_file(str(tmp_path / "model.safetensors")),
                      num_heads=3)
-  for k, v in checkpoint.flatten(params).items():
-    np.testing.assert_array_equal(checkpoint.flatten(again)[k], v, err_msg=k)
+  for k, v in names.flatten(params).items():
+    np.testing.assert_array_equal(names.flatten(again)[k], v, err_msg=k)
 
 
 def test_hf_vit_model_pooler_is_pre_logits():

@@ -9,7 +9,7 @@ import pytest
 
 from trainer_fixtures import CONFIGS, REPO, TINY_FLAGS, as_flags
 from vit_jax import main
-from vit_jax import reporting
+from vit_jax.training import reporting
 
 TIMEOUT = 180
 

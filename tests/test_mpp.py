@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint
+from vit_jax import checkpoints
 from vit_jax import models
-from vit_jax import mpp
-from vit_jax import sharding
-from vit_jax import train
-from vit_jax.models import mpp as mpp_model
+from vit_jax.training import config_check
+from vit_jax.training.objectives import mpp
+from vit_jax.parallel import mesh as mesh_lib
+from vit_jax.models import masked_patch_predictor as mpp_model
 
-from multiprocess_worker import flatten, make_config
+from multiprocess_worker import create_state, flatten, make_config, train_step
 
 
 def _shapes(tree) -> dict:
@@ -115,10 +115,10 @@ def test_parameter_tree_holds_the_vit_unchanged_and_loads_for_finetuning(tmp_pat
   assert _shapes(params["vit"]) == _shapes(vit_params)  # Names and shapes, 'cls' included.
 
   path = tmp_path / "mpp_encoder.npz"
-  checkpoint.save_npz(path, params["vit"])
+  checkpoints.save_npz(path, params["vit"])
   classifier = models.create("testing", num_classes=10)
   init = _init(classifier, _random_images(1))
-  loaded = flatten(checkpoint.load_pretrained(path, init, models.get_config("testing")))
+  loaded = flatten(checkpoints.load_pretrained(path, init, models.get_config("testing")))
   for name, value in flatten(params["vit"]).items():
     np.testing.assert_array_equal(loaded[name], value, err_msg=name)
   np.testing.assert_array_equal(loaded["head/kernel"], 0.0)  # A fresh zero head.
@@ -177,23 +177,23 @@ def _quadrant_batch(batch=16, seed=0) -> dict:
 
 def _mpp_config():
   return make_config(optimizer="adam", lr=1e-2, warmup_steps=2, total_steps=30,
-                     schedule="cosine", grad_clip_norm=1.0, batch_size=16)
+                     schedule="cosine", grad_clip_norm=1.0, batch_size=16, objective="mpp")
 
 
 def _on_mesh(state, mesh):
   """A jitted MPP step for `mesh` and the batch there (state: a TrainState's layout)."""
   config = _mpp_config()
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step_fn = mpp.make_mpp_train_step(config, mpp.create_model(config), mesh, shardings)
-  return step_fn, jax.device_put(_quadrant_batch()["image"], sharding.batch_sharding(mesh))
+  step_fn = train_step(config, mpp.create_model(config), mesh, shardings)
+  return step_fn, jax.device_put(_quadrant_batch()["image"], mesh_lib.batch_sharding(mesh))
 
 
 def test_loss_goes_down_on_eight_devices_and_matches_one_device():
-  mesh = sharding.make_mesh([("data", -1)])
+  mesh = mesh_lib.make_mesh([("data", -1)])
   assert mesh.devices.size == 8
   config = _mpp_config()
-  state, _ = train.create_train_state(config, mpp.create_model(config), mesh, rng=0)
-  initial = train.to_host(state)  # The step donates its input.
+  state, _ = create_state(config, mpp.create_model(config), mesh, rng=0)
+  initial = checkpoints.to_host(state)  # The step donates its input.
   step_fn, images = _on_mesh(state, mesh)
   history = []
   for _ in range(30):
@@ -210,8 +210,8 @@ def test_loss_goes_down_on_eight_devices_and_matches_one_device():
   assert int(state.step) == 30
 
   # The same two steps on one device draw the same corruption and give the same numbers.
-  one = sharding.make_mesh([("data", -1)], devices=jax.devices()[:1])
-  state = jax.device_put(initial, sharding.replicated(one))
+  one = mesh_lib.make_mesh([("data", -1)], devices=jax.devices()[:1])
+  state = jax.device_put(initial, mesh_lib.replicated(one))
   step_fn, images = _on_mesh(state, one)
   for _ in range(2):
     state, metrics = step_fn(state, {"image": images})
@@ -244,11 +244,12 @@ def test_bad_inputs_and_configs_are_rejected():
   with pytest.raises(ValueError, match="bits must be >= 1"):
     mpp_model.patch_color_targets(jnp.zeros((1, 16, 16, 3)), 4, bits=0)
   with pytest.raises(ValueError, match=r"Unknown config.mpp field\(s\) \['ratio'\]"):
-    mpp.create_model(make_config(mpp={"ratio": 0.5}))
-  config = make_config(accum_steps=2)
-  mesh = sharding.make_mesh(config.mesh)
-  with pytest.raises(ValueError, match="no gradient accumulation"):
-    mpp.make_mpp_train_step(config, mpp.create_model(config), mesh, None)
+    config = make_config()
+    config.mpp.ratio = 0.5  # A field that config.mpp does not have.
+    mpp.create_model(config)
+  config = make_config(accum_steps=2, objective="mpp")
+  with pytest.raises(config_check.ConfigError, match="no gradient accumulation"):
+    config_check.check_config(config)
 
 
 # ------------------------------------------------------------------ through the trainer
@@ -263,9 +264,10 @@ def _tiny_mpp_config(**overrides):
 
 def test_trainer_runs_mpp_and_exports_an_encoder_that_fine_tunes(tmp_path):
   from trainer_fixtures import tiny_config
-  from vit_jax import checkpoint, reporting, trainer
+  from vit_jax import checkpoints
+  from vit_jax.training import loop, reporting
   workdir = str(tmp_path / "mpp")
-  summary = trainer.train_and_evaluate(_tiny_mpp_config(), workdir)
+  summary = loop.train_and_evaluate(_tiny_mpp_config(), workdir)
   records = reporting.read_metrics(workdir)
   losses = [r["loss"] for r in records if r["kind"] == "train"]
   assert losses[0] < np.log(512) and losses[-1] < 0.6 * losses[0], losses
@@ -274,18 +276,18 @@ def test_trainer_runs_mpp_and_exports_an_encoder_that_fine_tunes(tmp_path):
   # 360 test digits x 8 of their 16 patches corrupted, padding masked.
   assert evals[-1]["num_examples"] == 360 * 8
   assert summary["accuracy"] > 1 / 8  # Above chance among the 8 grey colours.
-  encoder = checkpoint.restore_params(summary["params_dir"])
+  encoder = checkpoints.restore_params(summary["params_dir"])
   assert "embedding" in encoder and "mask_token" not in encoder and "head" not in encoder
-  tuned = trainer.train_and_evaluate(
+  tuned = loop.train_and_evaluate(
       tiny_config(init_from=workdir, total_steps=60, eval_every=60, checkpoint_every=60,
                   plots=False), str(tmp_path / "tuned"))
-  tuned_params = checkpoint.restore_params(tuned["params_dir"])
+  tuned_params = checkpoints.restore_params(tuned["params_dir"])
   np.testing.assert_array_equal(tuned_params["head"]["kernel"].shape, (32, 10))
   # Learning from the pre-trained encoder: above chance (0.1) and below ln(10) in loss.
   assert tuned["accuracy"] > 0.15 and tuned["eval_loss"] < np.log(10) - 0.1, tuned
 
 
 def test_trainer_refuses_mpp_from_a_checkpoint(tmp_path):
-  from vit_jax import trainer
+  from vit_jax.training import loop
   with pytest.raises(ValueError, match="pre-trains from scratch"):
-    trainer.train_and_evaluate(_tiny_mpp_config(init_from=str(tmp_path)), str(tmp_path / "w"))
+    loop.train_and_evaluate(_tiny_mpp_config(init_from=str(tmp_path)), str(tmp_path / "w"))

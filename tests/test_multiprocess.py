@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from vit_jax import sharding
+from vit_jax.parallel import mesh as mesh_lib
 
 from multiprocess_worker import fixed_batch, flatten, make_config, run_steps
 
@@ -72,8 +72,8 @@ def _single_process_reference():
   """The same steps on one device of this process, from the same params and batch."""
   config = make_config(fsdp=True, fsdp_min_size=1024)
   batch = fixed_batch(config.batch_size)
-  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
-  place = lambda m: {k: jax.device_put(v, sharding.batch_sharding(m)) for k, v in batch.items()}
+  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  place = lambda m: {k: jax.device_put(v, mesh_lib.batch_sharding(m)) for k, v in batch.items()}
   losses, state = run_steps(config, mesh, place, STEPS)
   return losses, flatten(jax.device_get(state.params))
 

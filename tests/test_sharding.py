@@ -6,10 +6,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import models
-from vit_jax import sharding
-from vit_jax import train
+from vit_jax.parallel import distributed, mesh as mesh_lib, shardings as shardings_lib
 
-from multiprocess_worker import NUM_CLASSES, fixed_batch, flatten, make_config, random_params
+from multiprocess_worker import NUM_CLASSES, abstract_state, fixed_batch, flatten, make_config, random_params
 from multiprocess_worker import run_steps
 
 BLOCK = "Transformer/encoderblock_0/"
@@ -19,8 +18,8 @@ def _abstract_params(**model_overrides):
   config = make_config()
   config.model.update(model_overrides)
   model = models.from_config(config.model, NUM_CLASSES)
-  mesh = sharding.make_mesh([("data", -1)])
-  return train.abstract_train_state(config, model, mesh).params
+  mesh = mesh_lib.make_mesh([("data", -1)])
+  return abstract_state(config, model, mesh).params
 
 
 def _specs(params_shardings) -> dict:
@@ -32,19 +31,19 @@ def _specs(params_shardings) -> dict:
 # ----------------------------------------------------------------------------- meshes
 
 def test_make_mesh_shapes_and_batch_axes():
-  mesh = sharding.make_mesh([("data", -1)])
+  mesh = mesh_lib.make_mesh([("data", -1)])
   assert dict(mesh.shape) == {"data": 8}
-  assert sharding.batch_axes(mesh) == ("data",)
-  mesh = sharding.make_mesh([("data", 4), ("model", 2)])
+  assert mesh_lib.batch_axes(mesh) == ("data",)
+  mesh = mesh_lib.make_mesh([("data", 4), ("model", 2)])
   assert dict(mesh.shape) == {"data": 4, "model": 2}
-  assert sharding.batch_axes(mesh) == ("data",)
-  assert sharding.num_batch_shards(mesh) == 4
-  mesh = sharding.make_mesh("replica:2,data:-1,model:2")
+  assert mesh_lib.batch_axes(mesh) == ("data",)
+  assert mesh_lib.num_batch_shards(mesh) == 4
+  mesh = mesh_lib.make_mesh("replica:2,data:-1,model:2")
   assert dict(mesh.shape) == {"replica": 2, "data": 2, "model": 2}
-  assert sharding.batch_axes(mesh) == ("replica", "data")
-  assert sharding.num_batch_shards(mesh) == 4
+  assert mesh_lib.batch_axes(mesh) == ("replica", "data")
+  assert mesh_lib.num_batch_shards(mesh) == 4
   # Devices in process/id order along the data axis: each host holds a contiguous slice.
-  mesh = sharding.make_mesh([("data", -1)], devices=jax.devices()[:4])
+  mesh = mesh_lib.make_mesh([("data", -1)], devices=jax.devices()[:4])
   assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()[:4]]
 
 
@@ -59,7 +58,7 @@ def test_make_mesh_shapes_and_batch_axes():
 ])
 def test_make_mesh_errors(spec, message):
   with pytest.raises(ValueError) as e:
-    sharding.make_mesh(spec)
+    mesh_lib.make_mesh(spec)
   assert message in str(e.value)
   assert "('data', -1)" in str(e.value)  # Every error shows an example spec.
 
@@ -68,8 +67,8 @@ def test_make_mesh_errors(spec, message):
 
 def test_tensor_parallel_specs():
   params = _abstract_params()
-  mesh = sharding.make_mesh([("data", 4), ("model", 2)])
-  specs = _specs(sharding.param_shardings(params, mesh, fsdp=False))
+  mesh = mesh_lib.make_mesh([("data", 4), ("model", 2)])
+  specs = _specs(shardings_lib.param_shardings(params, mesh, fsdp=False))
   attn = BLOCK + "MultiHeadDotProductAttention_0/"
   assert specs[BLOCK + "MlpBlock_0/Dense_0/kernel"] == P(None, "model")  # [32, 128] by columns
   assert specs[BLOCK + "MlpBlock_0/Dense_0/bias"] == P("model")
@@ -87,15 +86,15 @@ def test_tensor_parallel_specs():
 
 def test_fsdp_specs_shard_largest_divisible_axis_of_big_params():
   params = _abstract_params()
-  mesh = sharding.make_mesh([("data", -1)])
-  specs = _specs(sharding.param_shardings(params, mesh, fsdp=True, fsdp_min_size=1024))
+  mesh = mesh_lib.make_mesh([("data", -1)])
+  specs = _specs(shardings_lib.param_shardings(params, mesh, fsdp=True, fsdp_min_size=1024))
   assert specs[BLOCK + "MlpBlock_0/Dense_0/kernel"] == P(None, "data")  # [32, 128]: 128
   assert specs[BLOCK + "MlpBlock_0/Dense_1/kernel"] == P("data", None)  # [128, 32]: 128
   assert specs[BLOCK + "MultiHeadDotProductAttention_0/query/kernel"] == P("data", None, None)
   assert specs["Transformer/posembed_input/pos_embedding"] == P()  # 544 elements: small
   assert specs[BLOCK + "MlpBlock_0/Dense_0/bias"] == P()  # 128 elements: below the minimum
   # The default minimum (16384 elements) keeps every tiny-model parameter replicated.
-  default = _specs(sharding.param_shardings(params, mesh, fsdp=True))
+  default = _specs(shardings_lib.param_shardings(params, mesh, fsdp=True))
   assert set(default.values()) == {P()}
 
 
@@ -103,7 +102,7 @@ def test_adam_moments_follow_their_parameters_layout():
   config = make_config(optimizer="adam", weight_decay=0.1, grad_clip_norm=1.0, fsdp=True,
                        fsdp_min_size=1024)
   model = models.from_config(config.model, NUM_CLASSES)
-  abstract = train.abstract_train_state(config, model, sharding.make_mesh(config.mesh))
+  abstract = abstract_state(config, model, mesh_lib.make_mesh(config.mesh))
   adam = abstract.opt_state[1][0]  # chain(clip, adamw); adamw = chain(scale_by_adam, ...)
   for moments in (adam.mu, adam.nu):
     kernel = moments["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
@@ -115,8 +114,8 @@ def test_adam_moments_follow_their_parameters_layout():
 
 def test_fsdp_and_tensor_parallel_combine_and_scan_keeps_layer_axis():
   params = _abstract_params(scan=True)
-  mesh = sharding.make_mesh([("data", 4), ("model", 2)])
-  specs = _specs(sharding.param_shardings(params, mesh, fsdp=True, fsdp_min_size=1024))
+  mesh = mesh_lib.make_mesh([("data", 4), ("model", 2)])
+  specs = _specs(shardings_lib.param_shardings(params, mesh, fsdp=True, fsdp_min_size=1024))
   stacked = "Transformer/encoderblock/"
   # [layers=2, 32, 128]: columns over 'model', then the largest free axis (32) over 'data'.
   assert specs[stacked + "MlpBlock_0/Dense_0/kernel"] == P(None, "data", "model")
@@ -132,8 +131,9 @@ def test_fsdp_divides_vit_h_train_state_over_the_devices(mesh_spec):
   config = make_config(optimizer="adam", weight_decay=0.1, fsdp=True)
   config.model = models.get_config("ViT-H_14")
   config.model.scan = True
+  config.pp.crop = 224
   model = models.from_config(config.model, 1000)
-  abstract = train.abstract_train_state(config, model, sharding.make_mesh(mesh_spec))
+  abstract = abstract_state(config, model, mesh_lib.make_mesh(mesh_spec))
   total = per_device = 0
   for x in jax.tree_util.tree_leaves(abstract):
     total += int(np.prod(x.shape))
@@ -144,19 +144,18 @@ def test_fsdp_divides_vit_h_train_state_over_the_devices(mesh_spec):
 
 def test_tensor_parallel_needs_divisible_heads():
   params = _abstract_params()  # 2 heads
-  mesh = sharding.make_mesh([("data", 2), ("model", 4)])
+  mesh = mesh_lib.make_mesh([("data", 2), ("model", 4)])
   with pytest.raises(ValueError, match=r"Attention_0/\w+/\w+ \(.*2, 16\) over the 'model' axis "
                                        r"of size 4: axis \d \(size 2\) is not divisible.*"
                                        r"divides num_heads"):
-    sharding.param_shardings(params, mesh, fsdp=False)
+    shardings_lib.param_shardings(params, mesh, fsdp=False)
 
 
 # ------------------------------------------------------------------------- multi-host
 
 def test_distributed_init_kwargs():
   config = make_config()
-  kwargs = sharding.distributed_init_kwargs
-  config.distributed = sharding.default_distributed_config()
+  kwargs = distributed.distributed_init_kwargs
   assert kwargs(config, environ={}) is None  # Single process: nothing to do.
   slurm = {"SLURM_JOB_ID": "17", "SLURM_NTASKS": "4"}
   assert kwargs(config, environ=slurm) == {}  # JAX's own SLURM detection.
@@ -174,27 +173,23 @@ def test_distributed_init_kwargs():
   config.distributed.process_id = 1
   assert kwargs(config, environ={}) == dict(coordinator_address="10.0.0.1:1234",
                                             num_processes=2, process_id=1)
-  string_mode = make_config(distributed="off")  # A bare mode string also works.
-  assert kwargs(string_mode, environ=slurm) is None
-  assert kwargs(make_config(), environ=slurm) == {}  # No block at all: 'auto'.
 
 
 def test_distributed_config_errors():
   config = make_config()
-  config.distributed = sharding.default_distributed_config()
   config.distributed.coordinator_address = "10.0.0.1:1234"
   with pytest.raises(ValueError, match="needs num_processes and process_id"):
-    sharding.distributed_init_kwargs(config, environ={})
+    distributed.distributed_init_kwargs(config, environ={})
   config.distributed.num_processes, config.distributed.process_id = 2, 2
   with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, 2\)"):
-    sharding.distributed_init_kwargs(config, environ={})
+    distributed.distributed_init_kwargs(config, environ={})
   config.distributed.mode = "sometimes"
   with pytest.raises(ValueError, match="Unknown config.distributed.mode 'sometimes'"):
-    sharding.distributed_init_kwargs(config, environ={})
+    distributed.distributed_init_kwargs(config, environ={})
 
 
 def test_initialize_distributed_single_process_is_a_no_op():
-  sharding.initialize_distributed(make_config())
+  distributed.initialize_distributed(make_config())
   assert jax.process_count() == 1 and not jax.distributed.is_initialized()
 
 
@@ -205,14 +200,14 @@ STEPS = 2  # Step 2 is the first with momentum; both steps train every layer.
 
 def _global_batch(config):
   batch = fixed_batch(config.batch_size)
-  return lambda mesh: {k: jax.device_put(v, sharding.batch_sharding(mesh))
+  return lambda mesh: {k: jax.device_put(v, mesh_lib.batch_sharding(mesh))
                        for k, v in batch.items()}
 
 
 @pytest.fixture(scope="module")
 def single_device_run():
   config = make_config()
-  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   losses, state = run_steps(config, mesh, _global_batch(config), STEPS)
   return losses, flatten(jax.device_get(state.params))
 
@@ -229,7 +224,7 @@ def _assert_same_run(reference, losses, state):
 
 def test_data_parallel_step_equals_single_device(single_device_run):
   config = make_config()
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   losses, state = run_steps(config, mesh, _global_batch(config), STEPS)
   _assert_same_run(single_device_run, losses, state)
   kernel = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
@@ -238,7 +233,7 @@ def test_data_parallel_step_equals_single_device(single_device_run):
 
 def test_fsdp_step_equals_single_device(single_device_run):
   config = make_config(fsdp=True, fsdp_min_size=1024)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   losses, state = run_steps(config, mesh, _global_batch(config), STEPS)
   _assert_same_run(single_device_run, losses, state)
   name = "Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel"
@@ -254,7 +249,7 @@ def test_fsdp_step_equals_single_device(single_device_run):
 
 def test_tensor_parallel_step_equals_single_device(single_device_run):
   config = make_config(mesh=[("data", 4), ("model", 2)])
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   losses, state = run_steps(config, mesh, _global_batch(config), STEPS)
   _assert_same_run(single_device_run, losses, state)
   block = state.params["Transformer"]["encoderblock_0"]
@@ -271,7 +266,7 @@ def test_scanned_remat_fsdp_tensor_parallel_step_equals_single_device(single_dev
   """The L/H set-up (scan + remat + FSDP) with tensor parallelism on top."""
   config = make_config(mesh=[("data", 4), ("model", 2)], fsdp=True, fsdp_min_size=1024)
   config.model.scan, config.model.remat_policy = True, "nothing_saveable"
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   unrolled = random_params(_abstract_params())  # The reference run's params.
   losses, state = run_steps(config, mesh, _global_batch(config), STEPS,
                             params=models.unrolled_to_scan(unrolled))

@@ -6,26 +6,29 @@ import numpy as np
 import optax
 import pytest
 
+from vit_jax import checkpoints
 from vit_jax import models
-from vit_jax import optim
-from vit_jax import sharding
-from vit_jax import train
+from vit_jax.parallel import mesh as mesh_lib
+from vit_jax.training import config_check
+from vit_jax.training import optim
+from vit_jax.training.objectives import classification
 
-from multiprocess_worker import NUM_CLASSES, fixed_batch, flatten, make_config, random_params
+from multiprocess_worker import NUM_CLASSES, abstract_state, create_state, eval_step
+from multiprocess_worker import fixed_batch, flatten, make_config, random_params, train_step
 
 
 def _on_mesh(batch, mesh):
-  return {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+  return {k: jax.device_put(v, mesh_lib.batch_sharding(mesh)) for k, v in batch.items()}
 
 
 def _one_step(config, params, batch):
   """(metrics, new params) of one step from `params` on the config's mesh."""
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   model = models.from_config(config.model, NUM_CLASSES)
-  state, shardings = train.create_train_state(config, model, mesh, rng=0, init_params=params)
-  step_fn = train.make_train_step(config, model, mesh, shardings)
+  state, shardings = create_state(config, model, mesh, rng=0, init_params=params)
+  step_fn = train_step(config, model, mesh, shardings)
   state, metrics = step_fn(state, _on_mesh(batch, mesh))
-  return jax.device_get(metrics), flatten(train.to_host(state.params))
+  return jax.device_get(metrics), flatten(checkpoints.to_host(state.params))
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,8 @@ def setup():
   """Shared random params, a batch of 32 and the plain (accum_steps=1) step's results."""
   config = make_config()
   model = models.from_config(config.model, NUM_CLASSES)
-  mesh = sharding.make_mesh(config.mesh)
-  params = random_params(train.abstract_train_state(config, model, mesh).params)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  params = random_params(abstract_state(config, model, mesh).params)
   batch = fixed_batch(32)
   metrics, new_params = _one_step(config, params, batch)
   return dict(params=params, batch=batch, metrics=metrics, new_params=new_params)
@@ -86,11 +89,11 @@ def test_loss_goes_down_from_fresh_init():
   config = make_config(optimizer="adam", lr=3e-3, warmup_steps=2, total_steps=12,
                        schedule="linear", grad_clip_norm=1.0, weight_decay=0.1,
                        batch_size=16)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   model = models.from_config(config.model, NUM_CLASSES)
-  state, shardings = train.create_train_state(config, model, mesh, rng=0)
+  state, shardings = create_state(config, model, mesh, rng=0)
   assert float(jnp.abs(state.params["head"]["kernel"]).max()) == 0.0  # The model's init.
-  step_fn = train.make_train_step(config, model, mesh, shardings)
+  step_fn = train_step(config, model, mesh, shardings)
   batch = _on_mesh(fixed_batch(16), mesh)
   history, first_state = [], state
   for _ in range(12):
@@ -110,11 +113,11 @@ def test_loss_goes_down_from_fresh_init():
 
 def test_eval_step_sums_over_unmasked_examples(setup):
   config = make_config()
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   model = models.from_config(config.model, NUM_CLASSES)
-  state, shardings = train.create_train_state(config, model, mesh, rng=0,
+  state, shardings = create_state(config, model, mesh, rng=0,
                                               init_params=setup["params"])
-  eval_fn = train.make_eval_step(config, model, mesh, shardings)
+  eval_fn = eval_step(config, model, mesh, shardings)
   batch = dict(setup["batch"], mask=np.arange(32) < 27)  # The last 5 are padding.
   sums = jax.device_get(eval_fn(state.params, _on_mesh(batch, mesh)))
 
@@ -136,18 +139,18 @@ def test_eval_step_sums_over_unmasked_examples(setup):
 def test_softmax_loss_with_label_smoothing():
   logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
   labels = jnp.array([0, 2])
-  loss_fn = train.make_loss_fn(make_config(label_smoothing=0.3), 3)
+  loss_fn = classification.make_loss_fn("softmax_xent", 3, label_smoothing=0.3)
   log_p = np.asarray(jax.nn.log_softmax(logits))
   targets = np.full((2, 3), 0.1)
   targets[[0, 1], [0, 2]] = 0.8  # 0.7 + 0.3 / 3
   np.testing.assert_allclose(loss_fn(logits, labels), -(targets * log_p).sum(-1), rtol=1e-6)
-  plain = train.make_loss_fn(make_config(label_smoothing=0.3), 3, smoothing=False)
+  plain = classification.make_loss_fn("softmax_xent", 3)  # What evaluation uses.
   np.testing.assert_allclose(plain(logits, labels), -log_p[[0, 1], [0, 2]], rtol=1e-6)
 
 
 def test_sigmoid_loss_sums_binary_cross_entropies():
   logits = jnp.array([[2.0, 0.0, -1.0]])
-  loss_fn = train.make_loss_fn(make_config(loss="sigmoid_xent"), 3)
+  loss_fn = classification.make_loss_fn("sigmoid_xent", 3)
   sig = 1 / (1 + np.exp(-np.array([2.0, 0.0, -1.0])))
   expected = -(np.log(sig[1]) + np.log(1 - sig[0]) + np.log(1 - sig[2]))
   np.testing.assert_allclose(loss_fn(logits, jnp.array([1])), [expected], rtol=1e-6)
@@ -215,44 +218,52 @@ def test_sgd_clips_at_global_norm():
     (dict(schedule="step"), "Unknown config.schedule 'step'; choose one of ('cosine', 'linear')"),
     (dict(loss="hinge"), "Unknown config.loss 'hinge'; choose one of ('softmax_xent', "),
     (dict(warmup_steps=200, total_steps=100), "warmup_steps=200 must be in [0, total_steps=100]"),
-    (dict(batch_size=12), "config.batch_size=12 is not divisible by accum_steps (1) x batch "
-                          "shards (8: mesh {'data': 8} over 8 devices) = 8. Use a multiple of 8"),
-    (dict(batch_size=32, accum_steps=3), "accum_steps (3) x batch shards (8"),
+    (dict(batch_size=12), "config.batch_size=12 is not divisible by the 8 data-parallel devices "
+                          "(mesh {'data': 8}). Use a multiple of 8, e.g. --config.batch_size=8 "
+                          "or 16"),
+    (dict(batch_size=32, accum_steps=3), "the 8 data-parallel devices x 3 accum_steps"),
     (dict(batch_size=32, accum_steps=0), "config.accum_steps must be >= 1"),
 ])
-def test_make_train_step_rejects_bad_config(overrides, message):
+def test_config_check_rejects_bad_config(overrides, message):
   config = make_config(**overrides)
-  mesh = sharding.make_mesh(config.mesh)
-  model = models.from_config(config.model, NUM_CLASSES)
-  shardings = jax.tree_util.tree_map(lambda a: a.sharding,
-                                     train.abstract_train_state(make_config(), model, mesh))
-  with pytest.raises(ValueError) as e:
-    train.make_train_step(config, model, mesh, shardings)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.check_config(config, mesh)
   assert message in str(e.value)
+
+
+def test_config_check_lists_every_problem_at_once():
+  config = make_config(optimizer="lamb", loss="hinge", batch_size=12, log_every=0)
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.check_config(config, mesh_lib.make_mesh(config.mesh))
+  message = str(e.value)
+  assert message.startswith("The config has 4 problems:")
+  for field in ("config.optimizer", "config.loss", "config.batch_size=12", "config.log_every=0"):
+    assert field in message, field
 
 
 def test_batch_of_the_wrong_size_is_rejected(setup):
   config = make_config(batch_size=32, accum_steps=4)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   model = models.from_config(config.model, NUM_CLASSES)
-  state, shardings = train.create_train_state(config, model, mesh, rng=0,
+  state, shardings = create_state(config, model, mesh, rng=0,
                                               init_params=setup["params"])
-  step_fn = train.make_train_step(config, model, mesh, shardings)
-  with pytest.raises(ValueError, match=r"The batch's size=16 is not divisible by accum_steps "
-                                       r"\(4\) x batch shards \(8"):
+  step_fn = train_step(config, model, mesh, shardings)
+  with pytest.raises(ValueError, match=r"The batch's size=16 is not divisible by the 8 "
+                                       r"data-parallel devices x 4 accum_steps"):
     step_fn(state, _on_mesh(fixed_batch(16), mesh))
 
 
 def test_init_params_that_do_not_fit_are_rejected(setup):
   config = make_config()
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh)
   model = models.from_config(config.model, NUM_CLASSES)
   params = jax.tree_util.tree_map(np.copy, setup["params"])
   params["head"]["kernel"] = np.zeros((32, 1000), np.float32)
   del params["cls"]
   params["extra"] = np.zeros(3, np.float32)
   with pytest.raises(ValueError) as e:
-    train.create_train_state(config, model, mesh, rng=0, init_params=params)
+    create_state(config, model, mesh, rng=0, init_params=params)
   assert "missing ['cls'] (1, 1, 32)" in str(e.value)
   assert "unexpected ['extra']" in str(e.value)
   assert "['head']['kernel']: got (32, 1000), model wants (32, 10)" in str(e.value)

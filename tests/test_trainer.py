@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from trainer_fixtures import tiny_config
-from vit_jax import checkpoint
-from vit_jax import reporting
-from vit_jax import trainer
+from vit_jax import checkpoints
+from vit_jax.training import reporting
+from vit_jax.training import loop
+from vit_jax.training import workdir as workdir_lib
 
 LEARN_BAR = 0.80  # Test accuracy the tiny model must reach on digits within LEARN_STEPS.
 LEARN_STEPS = 150
@@ -22,7 +23,7 @@ def learned(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("learn"))
   config = tiny_config(total_steps=LEARN_STEPS, eval_every=75,
                        checkpoint_every=75, log_every=25, plots=True)
-  summary = trainer.train_and_evaluate(config, workdir)
+  summary = loop.train_and_evaluate(config, workdir)
   return summary, workdir
 
 
@@ -54,9 +55,9 @@ def test_run_leaves_config_metrics_plots_and_params(learned):
     with open(os.path.join(workdir, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert any(n.startswith("events.out.tfevents")
-             for n in os.listdir(os.path.join(workdir, reporting.TENSORBOARD_DIR)))
+             for n in os.listdir(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR)))
   assert sorted(os.listdir(summary["checkpoint_dir"])) == ["150", "75"]
-  params = checkpoint.restore_params(summary["params_dir"])
+  params = checkpoints.restore_params(summary["params_dir"])
   assert params["head"]["kernel"].shape == (32, 10)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -65,7 +66,7 @@ def test_rerunning_a_finished_run_only_evaluates(learned, capsys):
   summary, workdir = learned
   config = tiny_config(total_steps=LEARN_STEPS, eval_every=75,
                        checkpoint_every=75, log_every=25)
-  again = trainer.train_and_evaluate(config, workdir)
+  again = loop.train_and_evaluate(config, workdir)
   out = capsys.readouterr().out
   assert f"Resumed from the checkpoint at step {LEARN_STEPS}" in out
   assert again["step"] == LEARN_STEPS
@@ -78,11 +79,11 @@ def test_finetune_from_the_workdir_at_higher_resolution(learned, tmp_path, capsy
   config = tiny_config(total_steps=30, init_from=pretrained, optimizer="sgd", lr=0.03,
                        warmup_steps=3, eval_every=0, checkpoint_every=30)
   config.pp.crop = 32
-  summary = trainer.train_and_evaluate(config, str(tmp_path / "finetune"))
+  summary = loop.train_and_evaluate(config, str(tmp_path / "finetune"))
   out = capsys.readouterr().out
   assert f"Initialising from {os.path.join(pretrained, 'params')}" in out
   assert "(10 classes, 32 px)" in out
-  params = checkpoint.restore_params(summary["params_dir"])
+  params = checkpoints.restore_params(summary["params_dir"])
   assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 8 * 8, 32)
   # The pre-trained features transfer: far above chance (10 %) after 30 steps of a new head.
   assert summary["accuracy"] >= 0.6, summary
@@ -92,20 +93,20 @@ def test_batch_not_divisible_by_devices(tmp_path):
   workdir = str(tmp_path / "run")
   with pytest.raises(ValueError, match=r"config.batch_size=12 is not divisible by the 8 "
                      r"data-parallel devices.*--config.batch_size=8 or 16"):
-    trainer.train_and_evaluate(tiny_config(batch_size=12), workdir)
+    loop.train_and_evaluate(tiny_config(batch_size=12), workdir)
   assert not os.path.exists(workdir)  # Failed before anything was written.
 
 
 def test_eval_batch_not_divisible_by_devices(tmp_path):
   with pytest.raises(ValueError, match=r"config.eval_batch_size=100 is not divisible"):
-    trainer.train_and_evaluate(tiny_config(eval_batch_size=100), str(tmp_path / "run"))
+    loop.train_and_evaluate(tiny_config(eval_batch_size=100), str(tmp_path / "run"))
 
 
 def test_mesh_that_does_not_match_the_devices(tmp_path):
   workdir = str(tmp_path / "run")
   with pytest.raises(ValueError, match=r"config.mesh=\(\('data', 3\),\) does not fit the 8 "
                      r"devices.*needs 3 devices"):
-    trainer.train_and_evaluate(tiny_config(mesh=[("data", 3)]), workdir)
+    loop.train_and_evaluate(tiny_config(mesh=[("data", 3)]), workdir)
   assert not os.path.exists(workdir)
 
 
@@ -114,7 +115,7 @@ def test_init_from_missing_path(tmp_path):
   missing = str(tmp_path / "nowhere" / "ViT-B_16.npz")
   with pytest.raises(FileNotFoundError, match=r"config.init_from=.*nowhere/ViT-B_16.npz' "
                      r"does not exist"):
-    trainer.train_and_evaluate(tiny_config(init_from=missing), workdir)
+    loop.train_and_evaluate(tiny_config(init_from=missing), workdir)
   assert not os.path.exists(workdir)
 
 
@@ -124,16 +125,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(total_steps=20, lr=1e9, warmup_steps=2, checkpoint_every=1,
                        log_every=1, eval_every=0, optimizer="sgd", grad_clip_norm=0.0)
-  with pytest.raises(trainer.TrainingDivergedError) as info:
-    trainer.train_and_evaluate(config, workdir)
+  with pytest.raises(loop.TrainingDivergedError) as info:
+    loop.train_and_evaluate(config, workdir)
   message = str(info.value)
   diverged = int(message.split("Training diverged at step ")[1].split(":")[0])
   assert 2 <= diverged <= 20
   assert "loss=nan" in message or "loss=inf" in message or "grad_norm=" in message
   assert f"The last good checkpoint is step {diverged - 1}" in message
   assert "Lower config.lr" in message
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
   assert ckpt.latest_step() == diverged - 1
   ckpt.close()
-  params = checkpoint.restore_params(os.path.join(workdir, "checkpoints"))
+  params = checkpoints.restore_params(os.path.join(workdir, "checkpoints"))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

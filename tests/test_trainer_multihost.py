@@ -9,7 +9,7 @@ import sys
 import time
 
 from trainer_fixtures import REPO, TINY_FLAGS, as_flags
-from vit_jax import reporting
+from vit_jax.training import reporting
 
 TOTAL_STEPS = 60
 SYNC_EVERY = 5

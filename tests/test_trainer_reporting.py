@@ -7,7 +7,8 @@ import os
 import ml_collections
 import pytest
 
-from vit_jax import reporting
+from vit_jax.training import reporting
+from vit_jax.training import workdir as workdir_lib
 
 
 def _reporter(workdir, stream, **kwargs):
@@ -29,7 +30,7 @@ def test_progress_line_and_records(tmp_path):
   records = reporting.read_metrics(str(tmp_path))
   assert [(r["kind"], r["step"]) for r in records] == [("train", 10), ("eval", 10)]
   assert records[0]["loss"] == pytest.approx(1.23456) and records[1]["accuracy"] == 0.75
-  assert os.listdir(tmp_path / reporting.TENSORBOARD_DIR)
+  assert os.listdir(tmp_path / workdir_lib.TENSORBOARD_DIR)
 
 
 def test_resume_drops_records_after_the_checkpoint(tmp_path):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from trainer_fixtures import REPO, TINY_FLAGS, as_flags
-from vit_jax import checkpoint
-from vit_jax import reporting
+from vit_jax import checkpoints
+from vit_jax.training import reporting
+from vit_jax.models import params as names
 
 TOTAL_STEPS = 40
 RUN_FLAGS = dict(TINY_FLAGS, total_steps=TOTAL_STEPS, log_every=2, eval_every=0,
@@ -57,11 +58,11 @@ def _read_until(proc, predicate) -> str:
 
 
 def _params(workdir):
-  return checkpoint.restore_params(os.path.join(workdir, "params"))
+  return checkpoints.restore_params(os.path.join(workdir, "params"))
 
 
 def _assert_identical(a, b):
-  flat_a, flat_b = checkpoint.flatten(a), checkpoint.flatten(b)
+  flat_a, flat_b = names.flatten(a), names.flatten(b)
   assert flat_a.keys() == flat_b.keys()
   for key in flat_a:
     np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
@@ -94,10 +95,10 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, cache_dir):
 
   # 2. The rerun resumes there; SIGKILL it once the step-20 checkpoint is complete.
   proc = _start(workdir, cache_dir)
-  checkpoints = os.path.join(workdir, "checkpoints")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
   deadline = time.monotonic() + TIMEOUT
   # A step directory gets its final name only once its save is complete.
-  while "20" not in os.listdir(checkpoints):
+  while "20" not in os.listdir(ckpt_dir):
     assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 20"
     time.sleep(0.02)
   proc.kill()
@@ -114,9 +115,9 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, cache_dir):
   final = _params(workdir)
   _assert_identical(final, _params(reference_dir))
   # Guard against a vacuous comparison: training did change the parameters.
-  earliest = min(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+  earliest = min(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
   assert earliest < TOTAL_STEPS
-  early = checkpoint.restore_params(os.path.join(checkpoints, str(earliest)))
+  early = checkpoints.restore_params(os.path.join(ckpt_dir, str(earliest)))
   assert not np.array_equal(early["head"]["kernel"], final["head"]["kernel"])
   # The metrics log holds each training step once, even though steps were redone.
   train_steps = [r["step"] for r in reporting.read_metrics(workdir) if r["kind"] == "train"]

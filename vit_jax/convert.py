@@ -4,7 +4,7 @@
 
 Formats (FMT), decided from the path unless --from/--to say otherwise:
   npz    a file ending in .npz: Google / big_vision / this project's flat arrays.
-  orbax  a directory written by vit_jax.checkpoint.save_params, or a TrainCheckpointer
+  orbax  a directory written by vit_jax.checkpoints.save_params, or a TrainCheckpointer
          directory (its latest step) or step directory (the state's params). A DST
          without a known extension is written as an Orbax params directory.
   timm   a .pth/.pt file (torch.save'd state dict) or, with --to/--from timm, a
@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 from etils import epath
 
-from vit_jax import checkpoint, models
+from vit_jax import checkpoints, models
 
 FORMATS = ("npz", "orbax", "timm", "hf")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -94,7 +94,7 @@ def read(path, fmt: str, *, num_heads: Optional[int] = None) -> dict:
   from vit_jax.interop import hf, timm
   path = epath.Path(path)
   if fmt in ("npz", "orbax"):
-    return checkpoint.read_params(path)
+    return checkpoints.read_params(path)
   if fmt == "hf" and path.is_dir():
     config = json.loads((path / "config.json").read_text())
     num_heads = num_heads or config.get("num_attention_heads")
@@ -133,9 +133,9 @@ def write(path, fmt: str, params, *, model_config=None, exact_gelu: bool = False
   from vit_jax.interop import hf, timm
   path = epath.Path(path)
   if fmt == "npz":
-    checkpoint.save_npz(path, params)
+    checkpoints.save_npz(path, params)
   elif fmt == "orbax":
-    checkpoint.save_params(path, params)
+    checkpoints.save_params(path, params)
   elif fmt == "timm":
     _write_state_dict(path, timm.to_timm(params))
   elif fmt == "hf" and path.suffix in (".safetensors", ".bin"):
@@ -162,7 +162,7 @@ def convert(src, dst, *, src_format=None, dst_format=None, model: Optional[str] 
   if set(params) == {"params"}:
     params = params["params"]
   write(dst, dst_format, params, model_config=model_config, exact_gelu=exact_gelu)
-  leaves = checkpoint.flatten(params).values()
+  leaves = models.params.flatten(params).values()
   return {"from": src_format, "to": dst_format, "arrays": len(leaves),
           "parameters": int(sum(np.size(x) for x in leaves))}
 

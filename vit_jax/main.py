@@ -16,7 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from vit_jax import platform
+from vit_jax.parallel import cpu_devices
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
@@ -40,7 +40,10 @@ def _define_flags():
 
 
 def config_argument(argv) -> str:
-  """The --config value in `argv` (last one wins), or the default config file."""
+  """The --config value in `argv` (last one wins), or the default config file.
+
+  Only to explain a flag error: when parsing succeeds config_flags knows the value.
+  """
   value = DEFAULT_CONFIG
   for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith("--config="):
@@ -54,8 +57,8 @@ def load_config(spec: str):
   """`path[:arg]` -> that file's get_config(arg); ValueError if the file is missing."""
   path, sep, arg = spec.partition(":")
   if not os.path.isfile(path):
-    available = sorted(n for n in os.listdir(CONFIGS_DIR) if n.endswith(".py")) \
-        if os.path.isdir(CONFIGS_DIR) else []
+    available = sorted(n for n in os.listdir(CONFIGS_DIR) if n.endswith(".py")
+                       and n != "__init__.py") if os.path.isdir(CONFIGS_DIR) else []
     raise ValueError(f"--config={spec}: config file {path!r} does not exist. Config files "
                      f"in {CONFIGS_DIR}: {', '.join(available)}.")
   module_spec = importlib.util.spec_from_file_location("_vit_jax_config", path)
@@ -83,6 +86,29 @@ def _check_path(path: str, config) -> None:
     node, walked = node[key], f"{walked}.{key}"
 
 
+def _explain_flag_error(argv, error) -> str:
+  """The message for a failed flag parse: the file or field that is wrong, and why."""
+  try:
+    check_overrides(argv, load_config(config_argument(argv)))
+  except ValueError as e:
+    return str(e)
+  return str(error)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a one-line message (exit 2) for a bad --config or field."""
+  try:
+    _define_flags()  # config_flags applies the overrides in sys.argv already here.
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # A config file that failed to load raises only when used.
+    return remaining
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    # config_flags raises these for a missing file, a field that does not exist or a
+    # value of the wrong type.
+    print(f"Error: {_explain_flag_error(argv, e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def default_workdir(config_spec: str) -> str:
   """./workdir/default for configs/default.py; ./workdir/vit_b16_cifar100 for vit_b16.py:cifar100."""
   path, _, arg = config_spec.partition(":")
@@ -97,21 +123,21 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; config fields are set with "
                          "--config.FIELD=VALUE.")
-  platform.configure_cpu_devices()  # Before anything initialises the JAX backends.
+  cpu_devices.configure_cpu_devices()  # Before anything initialises the JAX backends.
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs hundreds of INFO lines per run; progress is printed on stdout anyway.
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   from vit_jax import data  # pylint: disable=g-import-not-at-top
-  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vit_jax import trainer  # pylint: disable=g-import-not-at-top
-  spec = config_argument(sys.argv)
+  from vit_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import loop  # pylint: disable=g-import-not-at-top
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(spec)
   print(f"Config {spec}, workdir {os.path.abspath(workdir)}", flush=True)
   try:
-    sharding.initialize_distributed(config)
-    trainer.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError, data.DataError, trainer.TrainingDivergedError) as e:
+    distributed.initialize_distributed(config)
+    loop.train_and_evaluate(config, workdir)
+  except (ValueError, FileNotFoundError, data.DataError, loop.TrainingDivergedError) as e:
     # Bad input or a diverged run: the message says what to do, a traceback would not.
     print(f"Error: {e}", file=sys.stderr, flush=True)
     return 1
@@ -119,14 +145,8 @@ def main(argv) -> int:
 
 
 def run():
-  """Entry point: checks the config file and overrides, then parses flags and trains."""
-  try:
-    check_overrides(sys.argv, load_config(config_argument(sys.argv)))
-  except ValueError as e:
-    print(f"Error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  """Entry point: parses the flags (one message for a bad config or field), then trains."""
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

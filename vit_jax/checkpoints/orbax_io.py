@@ -16,7 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vit_jax.checkpoints import CheckpointError
+from vit_jax.checkpoints.arrays import place_like
+from vit_jax.checkpoints.errors import CheckpointError
 
 _STATE, _DATA = "state", "data"
 
@@ -89,15 +90,6 @@ def _abstract(leaf):
   if isinstance(leaf, jax.ShapeDtypeStruct):
     return leaf
   return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
-
-
-def place_like(value, like):
-  """`value` (host array) cast to `like`'s dtype, on `like`'s sharding when it has one."""
-  value = np.asarray(value, like.dtype)
-  sharding = getattr(like, "sharding", None)
-  if sharding is None:
-    return value
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def _damaged_message(path, error) -> str:

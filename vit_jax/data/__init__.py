@@ -1,6 +1,6 @@
 """Input pipeline: tfds ArrayRecord / image folders read with grain, no TensorFlow.
 
-The names below load their submodule on first use, so that `vit_jax.train`, the models
+The names below load their submodule on first use, so that the training step, the models
 and the benchmark (which only need `images.normalize_images`) import without grain or
 tensorflow-datasets, e.g. on an accelerator machine that has only JAX.
 """

@@ -1,7 +1,7 @@
 """Image folders: ROOT/{train,test}/<class>/*.{jpg,jpeg,png,webp,bmp}.
 
 A folder can be read directly (files are read and decoded on the fly), or
-converted to ArrayRecord with `python -m vit_jax.data.prepare ROOT`; a prepared
+converted to ArrayRecord with `python -m vit_jax.prepare ROOT`; a prepared
 copy in `data_dir` is used automatically when it exists.
 """
 

@@ -44,11 +44,6 @@ def _local_batch(global_batch: int, process_count: int, what: str) -> int:
   return global_batch // process_count
 
 
-def _pp(config, name, default):
-  pp = config.get('pp', None)
-  return default if pp is None else pp.get(name, default)
-
-
 def _seed_words(seed: int):
   return int(seed) & 0xFFFFFFFFFFFFFFFF
 
@@ -226,8 +221,8 @@ class DataIterator:
 
 
 def _finish(ds, config, local_batch, drop_remainder):
-  workers = int(config.get('data_workers', 0) or 0)
-  threads = int(config.get('data_threads', 2) or 0)
+  workers = int(config.data_workers)
+  threads = int(config.data_threads)
   # Batches are formed on the random-access dataset, so each batch holds the
   # same examples whatever the number of workers or threads.
   ds = ds.batch(local_batch, drop_remainder=drop_remainder)
@@ -250,12 +245,12 @@ def make_train_iterator(config, *, seed: int, process_index=None, process_count=
   pi, pc = _processes(process_index, process_count)
   local_batch = _local_batch(config.batch_size, pc, 'config.batch_size')
   ds_spec = sources.resolve(config)
-  split = config.get('train_split', 'train')
+  split = config.train_split
   source = ds_spec.source(split)
   n = len(source)
-  crop = int(_pp(config, 'crop', 224))
-  transform = _TrainMap(source, crop, bool(_pp(config, 'skip_corrupt', False)), seed,
-                        _pp(config, 'area_range', (0.05, 1.0)), bool(_pp(config, 'flip', True)))
+  crop = int(config.pp.crop)
+  transform = _TrainMap(source, crop, bool(config.pp.skip_corrupt), seed,
+                        config.pp.area_range, bool(config.pp.flip))
   ds = grain.MapDataset.source(_TrainOrder(n, seed, pi, pc)).map(transform)
   ds, workers = _finish(ds, config, local_batch, drop_remainder=True)
   identity = {'kind': 'train', 'dataset': ds_spec.name, 'split': split,
@@ -266,7 +261,7 @@ def make_train_iterator(config, *, seed: int, process_index=None, process_count=
 
 
 def _eval_layout(config, split, process_count, n):
-  eval_batch = config.get('eval_batch_size', None) or config.batch_size
+  eval_batch = config.eval_batch_size or config.batch_size  # None: the training batch.
   local_batch = _local_batch(eval_batch, process_count, 'config.eval_batch_size')
   per_process = -(-n // process_count)
   return local_batch, max(1, math.ceil(per_process / local_batch))
@@ -275,7 +270,7 @@ def _eval_layout(config, split, process_count, n):
 def num_eval_batches(config, split=None, process_count=None) -> int:
   """Number of eval batches; the same on every process."""
   _, pc = _processes(0 if process_count is not None else None, process_count)
-  split = split or config.get('eval_split', 'test')
+  split = split or config.eval_split
   n = sources.resolve(config).num_examples(split)
   return _eval_layout(config, split, pc, n)[1]
 
@@ -287,14 +282,13 @@ def make_eval_iterator(config, *, split=None, process_index=None, process_count=
   across processes, and all processes yield num_eval_batches() batches.
   """
   pi, pc = _processes(process_index, process_count)
-  split = split or config.get('eval_split', 'test')
+  split = split or config.eval_split
   ds_spec = sources.resolve(config)
   source = ds_spec.source(split)
   n = len(source)
   local_batch, batches = _eval_layout(config, split, pc, n)
-  crop = int(_pp(config, 'crop', 224))
-  transform = _EvalMap(source, crop, bool(_pp(config, 'skip_corrupt', False)),
-                       _pp(config, 'eval_mode', 'resize'))
+  crop = int(config.pp.crop)
+  transform = _EvalMap(source, crop, bool(config.pp.skip_corrupt), config.pp.eval_mode)
   ds = grain.MapDataset.source(_EvalOrder(n, batches * local_batch, pi, pc)).map(transform)
   ds, workers = _finish(ds, config, local_batch, drop_remainder=False)
   identity = {'kind': 'eval', 'dataset': ds_spec.name, 'split': split,

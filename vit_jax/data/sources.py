@@ -3,7 +3,7 @@
 `config.dataset` is one of
   * 'digits': the embedded scikit-learn digits, prepared on first use;
   * a tfds name ('cifar10', 'cifar100', 'oxford_iiit_pet', 'oxford_flowers102',
-    'imagenet2012', ...) prepared as ArrayRecord with `vit_jax.data.prepare`;
+    'imagenet2012', ...) prepared as ArrayRecord with `python -m vit_jax.prepare`;
   * an image folder ROOT/{train,test}/<class>/*.jpg (a path that exists or
     contains a path separator).
 Every source returns records {'image': encoded bytes, 'label': int, 'path': str}.
@@ -38,7 +38,7 @@ def default_data_dir() -> str:
 
 
 def data_dir_of(config) -> str:
-  return os.path.expanduser(config.get('data_dir', None) or default_data_dir())
+  return os.path.expanduser(config.data_dir or default_data_dir())
 
 
 def is_folder_spec(name: str) -> bool:
@@ -57,7 +57,7 @@ def is_folder_spec(name: str) -> bool:
 
 
 def prepare_command(name: str, data_dir: str) -> str:
-  return f'python -m vit_jax.data.prepare {name} --data_dir {data_dir}'
+  return f'python -m vit_jax.prepare {name} --data_dir {data_dir}'
 
 
 class TfdsSource:
@@ -142,7 +142,7 @@ def _check_array_record(builder, name, data_dir):
 
 def resolve(config) -> ResolvedDataset:
   """Resolves config.dataset / config.data_dir; prepares 'digits' if needed."""
-  name = config.get('dataset', 'digits') or 'digits'
+  name = config.dataset
   data_dir = data_dir_of(config)
   if name == 'digits':
     return _tfds_resolved(digits_lib.digits_builder(data_dir))
@@ -187,7 +187,7 @@ def resolve(config) -> ResolvedDataset:
 def get_info(config) -> DatasetInfo:
   """Name, classes and the sizes of the configured train and eval splits."""
   ds = resolve(config)
-  splits = (config.get('train_split', 'train'), config.get('eval_split', 'test'))
+  splits = (config.train_split, config.eval_split)
   return DatasetInfo(
       name=ds.name, num_classes=len(ds.class_names), class_names=ds.class_names,
       num_examples={s: ds.num_examples(s) for s in splits})

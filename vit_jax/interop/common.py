@@ -6,6 +6,28 @@ Flax kernels are [in, out] (Dense), HWIO (conv), [dim, heads, head_dim] (q/k/v) 
 
 import numpy as np
 
+from vit_jax.models import params as names
+
+
+def to_numpy(value) -> np.ndarray:
+  """A torch tensor (bfloat16 widened to float32) or array-like -> numpy array."""
+  if hasattr(value, "detach"):
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def flat_numpy(params) -> dict:
+  """Our params (per-layer or scanned, optionally under 'params') -> {'a/b/c': ndarray}."""
+  if set(params) == {"params"}:
+    params = params["params"]
+  params = {k: v for k, v in params.items()}
+  if names.TRANSFORMER in params:
+    params = names.scan_to_unrolled(params)
+  return {k: np.asarray(v) for k, v in names.flatten(params).items()}
+
 
 def linear_to_torch(kernel) -> np.ndarray:
   """Dense kernel [in, out] -> nn.Linear weight [out, in]."""
@@ -128,20 +150,20 @@ def apply_rules(source: dict, rules, *, to_torch: bool, num_heads: int | None = 
   return out, used
 
 
-def encoder_rules(layer: str, names: dict) -> list:
+def encoder_rules(layer: str, peer_names: dict) -> list:
   """Rules for our encoder blocks given the peer's per-block names (see timm.py / hf.py)."""
-  ours = "Transformer/encoderblock_{}/"
+  ours = f"{names.TRANSFORMER}/{names.SCANNED_BLOCK}_{{}}/"
   rules = []
   for our_name, kind_w, kind_b in (
-      ("LayerNorm_0", "raw", "raw"), ("LayerNorm_1", "raw", "raw"),
-      ("MlpBlock_0/Dense_0", "linear", "raw"), ("MlpBlock_0/Dense_1", "linear", "raw"),
-      ("MultiHeadDotProductAttention_0/query", "heads", "heads_bias"),
-      ("MultiHeadDotProductAttention_0/key", "heads", "heads_bias"),
-      ("MultiHeadDotProductAttention_0/value", "heads", "heads_bias"),
-      ("MultiHeadDotProductAttention_0/out", "out", "raw")):
-    if our_name not in names:
+      (names.ATTENTION_NORM, "raw", "raw"), (names.MLP_NORM, "raw", "raw"),
+      (names.MLP_IN, "linear", "raw"), (names.MLP_OUT, "linear", "raw"),
+      (f"{names.ATTENTION}/query", "heads", "heads_bias"),
+      (f"{names.ATTENTION}/key", "heads", "heads_bias"),
+      (f"{names.ATTENTION}/value", "heads", "heads_bias"),
+      (f"{names.ATTENTION}/{names.ATTENTION_OUT}", "out", "raw")):
+    if our_name not in peer_names:
       continue
-    leaf_w = "scale" if our_name.startswith("LayerNorm") else "kernel"
-    rules.append((f"{ours}{our_name}/{leaf_w}", f"{layer}{names[our_name]}.weight", kind_w))
-    rules.append((f"{ours}{our_name}/bias", f"{layer}{names[our_name]}.bias", kind_b))
+    leaf_w = "scale" if our_name in (names.ATTENTION_NORM, names.MLP_NORM) else "kernel"
+    rules.append((f"{ours}{our_name}/{leaf_w}", f"{layer}{peer_names[our_name]}.weight", kind_w))
+    rules.append((f"{ours}{our_name}/bias", f"{layer}{peer_names[our_name]}.bias", kind_b))
   return rules

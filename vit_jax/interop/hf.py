@@ -19,28 +19,27 @@ from typing import Optional
 
 import numpy as np
 
-from vit_jax import checkpoint
 from vit_jax.interop import common
-from vit_jax.interop.timm import _flat_numpy, _numpy
+from vit_jax.models import params as names
 
 # Per-block names: "hub" as in the files on the Hugging Face Hub (transformers 4.x, which
 # transformers 5 renames on load), "v5" as in transformers 5's modules.
 _BLOCK_NAMES = {
     "hub": {
-        "LayerNorm_0": "layernorm_before", "LayerNorm_1": "layernorm_after",
-        "MlpBlock_0/Dense_0": "intermediate.dense", "MlpBlock_0/Dense_1": "output.dense",
-        "MultiHeadDotProductAttention_0/query": "attention.attention.query",
-        "MultiHeadDotProductAttention_0/key": "attention.attention.key",
-        "MultiHeadDotProductAttention_0/value": "attention.attention.value",
-        "MultiHeadDotProductAttention_0/out": "attention.output.dense",
+        names.ATTENTION_NORM: "layernorm_before", names.MLP_NORM: "layernorm_after",
+        names.MLP_IN: "intermediate.dense", names.MLP_OUT: "output.dense",
+        f"{names.ATTENTION}/query": "attention.attention.query",
+        f"{names.ATTENTION}/key": "attention.attention.key",
+        f"{names.ATTENTION}/value": "attention.attention.value",
+        f"{names.ATTENTION}/{names.ATTENTION_OUT}": "attention.output.dense",
     },
     "v5": {
-        "LayerNorm_0": "layernorm_before", "LayerNorm_1": "layernorm_after",
-        "MlpBlock_0/Dense_0": "mlp.fc1", "MlpBlock_0/Dense_1": "mlp.fc2",
-        "MultiHeadDotProductAttention_0/query": "attention.q_proj",
-        "MultiHeadDotProductAttention_0/key": "attention.k_proj",
-        "MultiHeadDotProductAttention_0/value": "attention.v_proj",
-        "MultiHeadDotProductAttention_0/out": "attention.o_proj",
+        names.ATTENTION_NORM: "layernorm_before", names.MLP_NORM: "layernorm_after",
+        names.MLP_IN: "mlp.fc1", names.MLP_OUT: "mlp.fc2",
+        f"{names.ATTENTION}/query": "attention.q_proj",
+        f"{names.ATTENTION}/key": "attention.k_proj",
+        f"{names.ATTENTION}/value": "attention.v_proj",
+        f"{names.ATTENTION}/{names.ATTENTION_OUT}": "attention.o_proj",
     },
 }
 _LAYERS = {"hub": "encoder.layer.{}.", "v5": "layers.{}."}
@@ -51,18 +50,18 @@ def _rules(prefix: str, naming: str) -> list:
   if naming not in NAMINGS:
     raise ValueError(f"Unknown HF naming {naming!r}; choose one of {NAMINGS}.")
   body = [
-      ("embedding/kernel", "embeddings.patch_embeddings.projection.weight", "conv"),
-      ("embedding/bias", "embeddings.patch_embeddings.projection.bias", "raw"),
-      ("cls", "embeddings.cls_token", "raw"),
-      ("Transformer/posembed_input/pos_embedding", "embeddings.position_embeddings", "raw"),
-      ("Transformer/encoder_norm/scale", "layernorm.weight", "raw"),
-      ("Transformer/encoder_norm/bias", "layernorm.bias", "raw"),
-      ("pre_logits/kernel", "pooler.dense.weight", "linear"),
-      ("pre_logits/bias", "pooler.dense.bias", "raw"),
+      (f"{names.EMBEDDING}/kernel", "embeddings.patch_embeddings.projection.weight", "conv"),
+      (f"{names.EMBEDDING}/bias", "embeddings.patch_embeddings.projection.bias", "raw"),
+      (names.CLS, "embeddings.cls_token", "raw"),
+      (names.POSEMB, "embeddings.position_embeddings", "raw"),
+      (f"{names.TRANSFORMER}/{names.ENCODER_NORM}/scale", "layernorm.weight", "raw"),
+      (f"{names.TRANSFORMER}/{names.ENCODER_NORM}/bias", "layernorm.bias", "raw"),
+      (f"{names.PRE_LOGITS}/kernel", "pooler.dense.weight", "linear"),
+      (f"{names.PRE_LOGITS}/bias", "pooler.dense.bias", "raw"),
   ] + common.encoder_rules(_LAYERS[naming], _BLOCK_NAMES[naming])
   rules = [(ours, prefix + theirs, kind) for ours, theirs, kind in body]
-  return rules + [("head/kernel", "classifier.weight", "linear"),
-                  ("head/bias", "classifier.bias", "raw")]
+  return rules + [(f"{names.HEAD}/kernel", "classifier.weight", "linear"),
+                  (f"{names.HEAD}/bias", "classifier.bias", "raw")]
 
 
 def to_hf(params, *, for_classification: Optional[bool] = None,
@@ -75,18 +74,18 @@ def to_hf(params, *, for_classification: Optional[bool] = None,
   `for_classification` (default: whether params have a head) picks
   ViTForImageClassification keys (`vit.` prefix, `classifier`) over ViTModel keys.
   """
-  flat = _flat_numpy(params)
-  if "cls" not in flat:
+  flat = common.flat_numpy(params)
+  if names.CLS not in flat:
     raise ValueError("HF's ViT always uses a class token; this model has none "
                      "(classifier 'gap'?). Export it to timm instead.")
-  has_head = any(k.startswith("head/") for k in flat)
+  has_head = any(k.startswith(f"{names.HEAD}/") for k in flat)
   if for_classification is None:
     for_classification = has_head
-  if for_classification and any(k.startswith("pre_logits/") for k in flat):
+  if for_classification and any(k.startswith(f"{names.PRE_LOGITS}/") for k in flat):
     raise ValueError("ViTForImageClassification has no pre_logits layer; export with "
                      "for_classification=False (ViTModel: pre_logits is its pooler).")
   if not for_classification and has_head:
-    flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
+    flat = {k: v for k, v in flat.items() if not k.startswith(f"{names.HEAD}/")}
   out, used = common.apply_rules(flat, _rules("vit." if for_classification else "", naming),
                                  to_torch=True)
   common.check_consumed(flat, used, "parameter")
@@ -95,13 +94,13 @@ def to_hf(params, *, for_classification: Optional[bool] = None,
 
 def from_hf(state_dict: dict, *, num_heads: int) -> dict:
   """HF ViTModel or ViTForImageClassification state dict (either naming) -> our params."""
-  sd = {k: _numpy(v) for k, v in state_dict.items()}
+  sd = {k: common.to_numpy(v) for k, v in state_dict.items()}
   prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""
   naming = "v5" if any(k.startswith(prefix + "layers.") for k in sd) else "hub"
   flat, used = common.apply_rules(sd, _rules(prefix, naming), to_torch=False,
                                   num_heads=num_heads)
   common.check_consumed(sd, used, "Hugging Face")
-  return checkpoint.unflatten(flat)
+  return names.unflatten(flat)
 
 
 def hf_config(model_config, num_classes: Optional[int] = None, img_size: Optional[int] = None):

@@ -19,24 +19,23 @@ from typing import Optional
 
 import numpy as np
 
-from vit_jax import checkpoint
 from vit_jax.interop import common
-from vit_jax.models import layout
+from vit_jax.models import params as names
 
 _BLOCK_NAMES = {
-    "LayerNorm_0": "norm1", "LayerNorm_1": "norm2",
-    "MlpBlock_0/Dense_0": "mlp.fc1", "MlpBlock_0/Dense_1": "mlp.fc2",
-    "MultiHeadDotProductAttention_0/out": "attn.proj",
+    names.ATTENTION_NORM: "norm1", names.MLP_NORM: "norm2",
+    names.MLP_IN: "mlp.fc1", names.MLP_OUT: "mlp.fc2",
+    f"{names.ATTENTION}/{names.ATTENTION_OUT}": "attn.proj",
 }
 _RULES = [
-    ("embedding/kernel", "patch_embed.proj.weight", "conv"),
-    ("embedding/bias", "patch_embed.proj.bias", "raw"),
-    ("cls", "cls_token", "raw"),
-    ("Transformer/posembed_input/pos_embedding", "pos_embed", "raw"),
-    ("Transformer/encoder_norm/scale", "norm.weight", "raw"),
-    ("Transformer/encoder_norm/bias", "norm.bias", "raw"),
-    ("head/kernel", "head.weight", "linear"),
-    ("head/bias", "head.bias", "raw"),
+    (f"{names.EMBEDDING}/kernel", "patch_embed.proj.weight", "conv"),
+    (f"{names.EMBEDDING}/bias", "patch_embed.proj.bias", "raw"),
+    (names.CLS, "cls_token", "raw"),
+    (names.POSEMB, "pos_embed", "raw"),
+    (f"{names.TRANSFORMER}/{names.ENCODER_NORM}/scale", "norm.weight", "raw"),
+    (f"{names.TRANSFORMER}/{names.ENCODER_NORM}/bias", "norm.bias", "raw"),
+    (f"{names.HEAD}/kernel", "head.weight", "linear"),
+    (f"{names.HEAD}/bias", "head.bias", "raw"),
 ] + common.encoder_rules("blocks.{}.", _BLOCK_NAMES)
 
 _BACKBONE = "patch_embed.backbone."
@@ -93,14 +92,14 @@ def _resnet_from_timm(state_dict: dict) -> tuple[dict, set]:
 
 def to_timm(params) -> dict[str, np.ndarray]:
   """Our params (per-layer or scanned, maybe under 'params') -> timm state dict (numpy)."""
-  flat = _flat_numpy(params)
-  if any(k.startswith("pre_logits/") for k in flat):
+  flat = common.flat_numpy(params)
+  if any(k.startswith(f"{names.PRE_LOGITS}/") for k in flat):
     raise ValueError("timm's VisionTransformer has no pre_logits (representation) layer; "
                      "drop it (fine-tune without representation_size) or use the HF "
                      "ViTModel export, whose pooler is that layer.")
   out, used = common.apply_rules(flat, _RULES, to_torch=True)
   for i in range(_num_layers(flat)):
-    prefix = f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/"
+    prefix = f"{names.TRANSFORMER}/{names.block_name(i)}/{names.ATTENTION}/"
     parts = [common.heads_to_torch(flat[f"{prefix}{n}/kernel"], flat[f"{prefix}{n}/bias"])
              for n in ("query", "key", "value")]
     out[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([w for w, _ in parts])
@@ -115,11 +114,11 @@ def to_timm(params) -> dict[str, np.ndarray]:
 
 def from_timm(state_dict: dict, *, num_heads: int) -> dict:
   """timm VisionTransformer state dict (torch tensors or numpy) -> our per-layer params."""
-  sd = {k: _numpy(v) for k, v in state_dict.items()}
+  sd = {k: common.to_numpy(v) for k, v in state_dict.items()}
   flat, used = common.apply_rules(sd, _RULES, to_torch=False, num_heads=num_heads)
   for i in range(common.num_blocks(sd, "blocks.")):
     weight, bias = sd[f"blocks.{i}.attn.qkv.weight"], sd[f"blocks.{i}.attn.qkv.bias"]
-    prefix = f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/"
+    prefix = f"{names.TRANSFORMER}/{names.block_name(i)}/{names.ATTENTION}/"
     for name, w, b in zip(("query", "key", "value"), np.split(weight, 3), np.split(bias, 3)):
       flat[f"{prefix}{name}/kernel"], flat[f"{prefix}{name}/bias"] = common.heads_from_torch(
           w, b, num_heads)
@@ -127,7 +126,7 @@ def from_timm(state_dict: dict, *, num_heads: int) -> dict:
   resnet, resnet_used = _resnet_from_timm(sd)
   flat.update(resnet)
   common.check_consumed(sd, used | resnet_used, "timm")
-  return checkpoint.unflatten(flat)
+  return names.unflatten(flat)
 
 
 def timm_kwargs(model_config, num_classes: int, img_size: Optional[int] = None) -> dict:
@@ -186,24 +185,6 @@ def create_timm_model(model_config, num_classes: int, img_size: Optional[int] = 
   return VisionTransformer(**kwargs)
 
 
-def _numpy(value) -> np.ndarray:
-  if hasattr(value, "detach"):
-    value = value.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
-
-
-def _flat_numpy(params) -> dict:
-  if set(params) == {"params"}:
-    params = params["params"]
-  params = {k: v for k, v in params.items()}
-  if "Transformer" in params:
-    params = layout.scan_to_unrolled(params)
-  return {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
-
-
 def _num_layers(flat: dict) -> int:
-  ids = {int(m.group(1)) for k in flat if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}
+  ids = {int(m.group(1)) for k in flat if (m := re.match(rf"{names.TRANSFORMER}/{names.SCANNED_BLOCK}_(\d+)/", k))}
   return len(ids)

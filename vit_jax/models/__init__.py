@@ -1,11 +1,13 @@
 """The ViT model family: `get_config(name)` and `create(name, num_classes=..., **overrides)`."""
 
+import jax
 import ml_collections
 
 from vit_jax.models.configs import MODEL_NAMES, base_config, get_config
 from vit_jax.models.vit import CLASSIFIERS, MAPHead, VisionTransformer
 from vit_jax.models.posembed import POSEMB_TYPES
-from vit_jax.models.layout import scan_to_unrolled, unrolled_to_scan
+from vit_jax.models.params import count_params, flatten, scan_to_unrolled, unrolled_to_scan
+from vit_jax.models.posemb_resample import RESAMPLE_METHODS, resample_grid, resample_posemb
 
 # Config fields that describe the model but are not module attributes.
 _NON_MODULE_FIELDS = ("name", "image_size")
@@ -23,6 +25,13 @@ def from_config(config: ml_collections.ConfigDict, num_classes) -> VisionTransfo
   return VisionTransformer(num_classes=num_classes, **kwargs)
 
 
+def param_shapes(model, image_size: int, num_channels: int = 3) -> dict:
+  """Flat {'path/to/param': ShapeDtypeStruct} of a model's parameters (no allocation)."""
+  images = jax.numpy.zeros((1, image_size, image_size, num_channels), jax.numpy.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+  return flatten(variables["params"])
+
+
 def create(name: str, num_classes=1000, **overrides) -> VisionTransformer:
   """The named model with `overrides` applied to its config (e.g. classifier='gap')."""
   config = get_config(name)
@@ -35,4 +44,5 @@ def create(name: str, num_classes=1000, **overrides) -> VisionTransformer:
 
 
 __all__ = ["CLASSIFIERS", "MAPHead", "MODEL_NAMES", "POSEMB_TYPES", "VisionTransformer",
-           "create", "from_config", "get_config", "scan_to_unrolled", "unrolled_to_scan"]
+           "RESAMPLE_METHODS", "count_params", "create", "from_config", "get_config", "param_shapes",
+           "resample_grid", "resample_posemb", "scan_to_unrolled", "unrolled_to_scan"]

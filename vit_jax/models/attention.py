@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import params as names
 from vit_jax.models import posembed
 
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
@@ -88,7 +89,7 @@ class SelfAttention(nn.Module):
     heads = (self.num_heads, head_dim)
     kernels, biases = zip(*[
         _Projection((dim,) + heads, heads, name=name)()
-        for name in ("query", "key", "value")])
+        for name in names.QKV])
     needs_weights = (self.is_mutable_collection("intermediates")
                      or (self.dropout_rate > 0 and not deterministic))
     impl = resolve_impl(self.impl, self.dtype, self.relative_grid is not None,
@@ -97,7 +98,7 @@ class SelfAttention(nn.Module):
       out = self._explicit_attention(x, kernels, biases, deterministic)
     else:
       out = self._fused_attention(x, kernels, biases, impl)
-    out_kernel, out_bias = _Projection(heads + (dim,), (dim,), in_axes=2, name="out")()
+    out_kernel, out_bias = _Projection(heads + (dim,), (dim,), in_axes=2, name=names.ATTENTION_OUT)()
     return (jnp.einsum("bhte,hed->btd", out, out_kernel.astype(self.dtype))
             + out_bias.astype(self.dtype))
 

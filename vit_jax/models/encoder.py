@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import params as names
 from vit_jax.models import posembed
 from vit_jax.models.attention import SelfAttention
 
@@ -30,14 +31,14 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
-    dense = lambda features: nn.Dense(
+    dense = lambda features, name: nn.Dense(
         features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6))
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     out_dim = x.shape[-1]
-    x = dense(self.mlp_dim)(x)
+    x = dense(self.mlp_dim, names.MLP_DENSE[0])(x)
     x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    x = dense(out_dim)(x)
+    x = dense(out_dim, names.MLP_DENSE[1])(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -76,15 +77,15 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, _=None):
     det = self.deterministic
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=names.ATTENTION_NORM)(x)
     y = SelfAttention(self.num_heads, self.attention_dropout_rate, self.attention_impl,
                       self.relative_grid, self.num_prefix_tokens, dtype=self.dtype,
-                      name="MultiHeadDotProductAttention_0")(y, deterministic=det)
+                      name=names.ATTENTION)(y, deterministic=det)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=det)
     x = x + DropPath(self.stochastic_depth)(y, deterministic=det)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=names.MLP_NORM)(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.approximate_gelu,
-                 dtype=self.dtype)(y, deterministic=det)
+                 dtype=self.dtype, name=names.MLP)(y, deterministic=det)
     x = x + DropPath(self.stochastic_depth)(y, deterministic=det)
     self.sow("intermediates", "block_output", x)
     return (x, None) if self.scanned else x
@@ -127,11 +128,11 @@ class Encoder(nn.Module):
     if self.scan:
       layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                        split_rngs={"params": True, "dropout": True}, length=self.num_layers)
-      x, _ = layers(scanned=True, name="encoderblock", **kwargs)(x, None)
+      x, _ = layers(scanned=True, name=names.SCANNED_BLOCK, **kwargs)(x, None)
     else:
       for i in range(self.num_layers):
-        x = block(name=f"encoderblock_{i}", **kwargs)(x)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
+        x = block(name=names.block_name(i), **kwargs)(x)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=names.ENCODER_NORM)(x)
 
   def _block_class(self):
     policy = remat_policy(self.remat_policy)
@@ -142,10 +143,10 @@ class Encoder(nn.Module):
   def _add_position_embeddings(self, x):
     posembed.check_posemb_type(self.posemb)
     if self.posemb == "learn":
-      return posembed.AddPositionEmbs(name="posembed_input")(x)
+      return posembed.AddPositionEmbs(name=names.POSEMB_MODULE)(x)
     if self.posemb == "learn_2d":
       return posembed.AddFactorizedPositionEmbs(self.grid, self.num_prefix_tokens,
-                                                name="posembed_input")(x)
+                                                name=names.POSEMB_MODULE)(x)
     if self.posemb == "sincos2d":
       return posembed.AddSinCosPositionEmbs(self.grid, self.num_prefix_tokens)(x)
     return x  # 'relative' acts inside attention; 'none' adds nothing.

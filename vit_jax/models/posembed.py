@@ -24,8 +24,8 @@ def _grid_mismatch_error(name, stored, wanted):
   return ValueError(
       f"Position embedding {name!r} has shape {tuple(stored)} but this input needs "
       f"{tuple(wanted)}: the image resolution differs from the one the parameters were "
-      "made for. Resample them with vit_jax.checkpoint.resample_posemb (or load with "
-      "vit_jax.checkpoint.load_pretrained, which does it for you).")
+      "made for. Resample them with vit_jax.models.resample_posemb (or load with "
+      "vit_jax.checkpoints.load_pretrained, which does it for you).")
 
 
 class AddPositionEmbs(nn.Module):

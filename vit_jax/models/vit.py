@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vit_jax.models import params as names
 from vit_jax.models import posembed
 from vit_jax.models import resnet
 from vit_jax.models.encoder import Encoder, MlpBlock
@@ -85,14 +86,14 @@ class VisionTransformer(nn.Module):
                                  64 * self.resnet_width_factor, dtype)
     p = self.patch_size
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                name="embedding")(x)
+                name=names.EMBEDDING)(x)
     batch, rows, cols, dim = x.shape
     x = x.reshape(batch, rows * cols, dim)
     if patch_fn is not None:
       x = patch_fn(x)
     num_prefix = 1 if self.classifier in ("token", "token_unpooled") else 0
     if num_prefix:
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, dim))
+      cls = self.param(names.CLS, nn.initializers.zeros, (1, 1, dim))
       x = jnp.concatenate([jnp.tile(cls.astype(dtype), (batch, 1, 1)), x], axis=1)
 
     x = Encoder(
@@ -101,15 +102,15 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, approximate_gelu=self.approximate_gelu,
         attention_impl=self.attention_impl, scan=self.scan,
-        remat_policy=self.remat_policy, dtype=dtype, name="Transformer")(x, train=train)
+        remat_policy=self.remat_policy, dtype=dtype, name=names.TRANSFORMER)(x, train=train)
 
     x = self._pool(x)
     if self.representation_size is not None:
-      x = jnp.tanh(nn.Dense(self.representation_size, dtype=dtype, name="pre_logits")(x))
+      x = jnp.tanh(nn.Dense(self.representation_size, dtype=dtype, name=names.PRE_LOGITS)(x))
     self.sow("intermediates", "pre_logits", x)
     if self.num_classes is None:
       return x
-    x = nn.Dense(self.num_classes, dtype=dtype, name="head",
+    x = nn.Dense(self.num_classes, dtype=dtype, name=names.HEAD,
                  kernel_init=nn.initializers.zeros,
                  bias_init=nn.initializers.constant(self.head_bias_init))(x)
     return x.astype(jnp.float32)

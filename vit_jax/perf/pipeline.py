@@ -1,6 +1,6 @@
 """Throughput of the training input pipeline (decode + Inception crop + flip).
 
-  python -m vit_jax.data.benchmark [--folder ROOT] [--crop 224] [--batch 32]
+  python -m vit_jax.benchmark data [--folder ROOT] [--crop 224] [--batch 32]
 
 Without --folder it writes a synthetic image folder into a temporary directory:
 JPEGs of 500x375 (smooth random colour fields plus noise, about the size and
@@ -10,13 +10,10 @@ glibc malloc tuning helps in-process decoding; try
 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824.
 """
 
-import argparse
 import os
-import tempfile
 import time
 
 import cv2
-import ml_collections
 import numpy as np
 
 from vit_jax.data import pipeline
@@ -65,40 +62,12 @@ def measure(config, batches, warmup=3, repeats=3):
   return float(np.median(rates)), float(np.median(cpu_rates))
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--folder', default=None, help='image folder (default: synthetic)')
-  parser.add_argument('--num_images', type=int, default=1000)
-  parser.add_argument('--crop', type=int, default=224)
-  parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--batches', type=int, default=30, help='timed batches per run')
-  parser.add_argument('--workers', default='0,2', help='comma list of data_workers')
-  parser.add_argument('--threads', type=int, default=2, help='grain read threads')
-  args = parser.parse_args(argv)
-  with tempfile.TemporaryDirectory() as tmp:
-    folder = args.folder
-    if folder is None:
-      folder = os.path.join(tmp, 'synthetic')
-      t = time.perf_counter()
-      kb = write_synthetic_folder(folder, args.num_images) / 1024
-      print(f'Wrote {args.num_images} synthetic 500x375 JPEGs ({kb:.0f} KB each) '
-            f'in {time.perf_counter() - t:.1f}s to {folder}')
-    print(f'CPU cores: {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}; '
-          f'MALLOC_MMAP_THRESHOLD_={os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset")}')
-    for workers in [int(w) for w in args.workers.split(',')]:
-      config = ml_collections.ConfigDict({
-          'dataset': folder, 'data_dir': os.path.join(tmp, 'tfds'),
-          'batch_size': args.batch, 'data_workers': workers,
-          'data_threads': args.threads if workers == 0 else 1,
-          'pp': {'crop': args.crop}})
-      rate, cpu_rate = measure(config, args.batches)
-      mode = (f'in-process, {args.threads} threads' if workers == 0
-              else f'{workers} worker processes')
-      extra = f' ({cpu_rate:.0f} per CPU-second)' if workers == 0 else ''
-      print(f'train pipeline, {args.crop}px, batch {args.batch}, {mode}: '
-            f'{rate:.0f} images/s{extra}')
-
-
-if __name__ == '__main__':
-  main()
+def pipeline_config(folder: str, data_dir: str, *, batch: int, workers: int, threads: int,
+                    crop: int):
+  """The default training config reading `folder` with the given pipeline settings."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_config()
+  config.update(dict(dataset=folder, data_dir=data_dir, batch_size=batch,
+                     data_workers=workers, data_threads=threads))
+  config.pp.crop = crop
+  return config

@@ -20,12 +20,14 @@ Weight decay:
 import jax
 import optax
 
+from vit_jax.models import params as names
+
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "linear")
 
 
 def _steps(config) -> tuple[int, int]:
-  total, warmup = int(config.total_steps), int(config.get("warmup_steps", 0) or 0)
+  total, warmup = int(config.total_steps), int(config.warmup_steps)
   if total <= 0:
     raise ValueError(f"config.total_steps must be positive, got {total}.")
   if not 0 <= warmup <= total:
@@ -39,7 +41,7 @@ def make_schedule(config) -> optax.Schedule:
   Reads config.lr, config.total_steps, config.warmup_steps, config.schedule
   ('cosine' | 'linear').
   """
-  name = config.get("schedule", "cosine")
+  name = config.schedule
   if name not in SCHEDULES:
     raise ValueError(f"Unknown config.schedule {name!r}; choose one of {SCHEDULES}.")
   total, warmup = _steps(config)
@@ -55,20 +57,18 @@ def make_schedule(config) -> optax.Schedule:
 
 def decay_mask(params):
   """True for the parameters weight decay applies to: kernels only."""
-  def is_kernel(path, _):
-    last = path[-1]
-    return str(getattr(last, "key", getattr(last, "name", last))) == "kernel"
-  return jax.tree_util.tree_map_with_path(is_kernel, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: names.key_name(path[-1]) == "kernel",
+                                          params)
 
 
 def _base_optimizer(config, schedule) -> optax.GradientTransformation:
-  name = config.get("optimizer", "sgd")
-  wd = float(config.get("weight_decay", 0.0) or 0.0)
+  name = config.optimizer
+  wd = float(config.weight_decay or 0.0)
   if name == "adam":
-    return optax.adamw(schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
+    return optax.adamw(schedule, b1=config.b1, b2=config.b2,
                        weight_decay=wd, mask=decay_mask)
   if name == "sgd":
-    momentum = config.get("momentum", 0.9) or None
+    momentum = config.momentum or None
     sgd = optax.sgd(schedule, momentum=momentum)
     if wd:
       return optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), sgd)
@@ -83,7 +83,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
   config.b2, config.weight_decay, config.grad_clip_norm.
   """
   base = _base_optimizer(config, make_schedule(config))
-  clip = config.get("grad_clip_norm", None)
+  clip = config.grad_clip_norm
   if clip:
     if clip < 0:
       raise ValueError(f"config.grad_clip_norm must be >= 0 (0 or None = off), got {clip}.")

@@ -1,8 +1,7 @@
 """Analyse a trained model: attention maps, attention distance, position embeddings, few-shot.
 
-  python -m vit_jax.evaluate.analyze --workdir=WORKDIR [--out=DIR] [--num_images=6]
-
-WORKDIR is a trainer workdir (its `config.json` and final `params/`). Writes
+`analyse(workdir, out)` (the command is `python -m vit_jax.analyze --workdir=WORKDIR`) reads
+a trainer workdir (its `config.json` and final `params/`) and writes
 `attention_maps.png`, `attention_distance.png`, `posemb_similarity.png` (learned 1-D
 embeddings only) and `analysis.json` with the numbers, including few-shot linear-probe
 accuracies on frozen pre-logits features.
@@ -11,32 +10,21 @@ accuracies on frozen pre-logits features.
 import json
 import os
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from vit_jax import checkpoint, data, models
+from vit_jax import checkpoints, data, models
 from vit_jax.evaluate import attention, fewshot, plots, posemb
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A trainer workdir (config.json + params/).")
-flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/analysis).")
-flags.DEFINE_integer("num_images", 6, "Images for the attention maps.")
-flags.DEFINE_list("shots", ["1", "5", "10"], "Few-shot sizes (examples per class).")
-flags.DEFINE_integer("fewshot_examples", 2000, "Train examples to draw the shots from.")
+from vit_jax.models import params as names
+from vit_jax.training import workdir as workdir_lib
 
 
 def load_workdir(workdir: str):
   """(config, model, params) of a finished trainer workdir."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir} a trainer workdir?")
-  with open(config_path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  params = checkpoint.read_params(os.path.join(workdir, "params"))
-  num_classes = params["head"]["bias"].shape[0]
+  config = workdir_lib.read_config(workdir)
+  params = checkpoints.read_params(workdir_lib.file(workdir, workdir_lib.PARAMS_DIR))
+  num_classes = params[names.HEAD]["bias"].shape[0]
   model = models.from_config(config.model, num_classes)
   return config, model, params
 
@@ -80,14 +68,14 @@ def analyse(workdir, out, num_images=6, shots=(1, 5, 10), fewshot_examples=2000)
       plots.plot_attention_maps(images[:num_images], maps,
                                 os.path.join(out, "attention_maps.png"), labels[:num_images]),
       plots.plot_attention_distance(distance, os.path.join(out, "attention_distance.png"))]}
-  pe = params["Transformer"].get("posembed_input", {}).get("pos_embedding")
+  pe = names.flatten(params).get(names.POSEMB)  # None for sincos2d, relative, none.
   if pe is not None:
     result["plots"].append(plots.plot_posemb_similarity(
         posemb.posemb_similarity(pe, grid, prefix), os.path.join(out, "posemb_similarity.png")))
 
   train_images, train_labels = _images_and_labels(config, config.train_split, fewshot_examples)
   train_feats, test_feats = features(model, params, train_images), features(model, params, images)
-  num_classes = int(params["head"]["bias"].shape[0])
+  num_classes = int(params[names.HEAD]["bias"].shape[0])
   result["fewshot"] = {}
   for n in shots:
     try:
@@ -98,21 +86,3 @@ def analyse(workdir, out, num_images=6, shots=(1, 5, 10), fewshot_examples=2000)
   with open(os.path.join(out, "analysis.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   return result
-
-
-def main(argv):
-  del argv
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "analysis")
-  result = analyse(FLAGS.workdir, out, FLAGS.num_images, [int(s) for s in FLAGS.shots],
-                   FLAGS.fewshot_examples)
-  for name, accuracy in result["fewshot"].items():
-    print(f"few-shot {name}: {accuracy}")
-  print("mean attention distance per layer (px):",
-        " ".join(f"{d:.1f}" for d in np.mean(result["attention_distance"], axis=1)))
-  print("plots:", *result["plots"], sep="\n  ")
-
-
-if __name__ == "__main__":
-  app.run(main)

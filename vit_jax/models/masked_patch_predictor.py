@@ -5,7 +5,7 @@ Self-supervised pre-training: half of the patch embeddings are corrupted (after 
 replaced by a learned `mask_token`, 10 % by the embedding of a random other patch of the
 batch and 10 % are left as they are. A Dense head (`mpp_head`) predicts, from each patch's
 output token, the patch's mean colour quantised to 3 bits per channel (512 classes); the
-loss is the softmax cross-entropy over the corrupted patches only (`vit_jax/mpp.py`).
+loss is the softmax cross-entropy over the corrupted patches only (`vit_jax/training/objectives/mpp.py`).
 
 `MaskedPatchPredictor(encoder=VisionTransformer(...))` runs a copy of `encoder` under the
 name 'vit' with num_classes=None, representation_size=None and an unpooled classifier

@@ -13,8 +13,7 @@ import os
 import sys
 import time
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from vit_jax.training import workdir as workdir_lib
 
 
 def format_duration(seconds: float) -> str:
@@ -26,7 +25,7 @@ def format_duration(seconds: float) -> str:
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of `metrics.jsonl` in `workdir`, in order ([] if there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
+  path = workdir_lib.file(workdir, workdir_lib.METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:
@@ -76,11 +75,11 @@ class Reporter:
     if not is_main:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._metrics_path = os.path.join(workdir, METRICS_FILE)
+    self._metrics_path = workdir_lib.file(workdir, workdir_lib.METRICS_FILE)
     _truncate_metrics(self._metrics_path, start_step)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # purge_step hides events a preempted run wrote after its last checkpoint.
-    self._writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+    self._writer = SummaryWriter(workdir_lib.file(workdir, workdir_lib.TENSORBOARD_DIR),
                                  purge_step=start_step + 1 if start_step else None)
     if progress_bar:
       import tqdm  # pylint: disable=g-import-not-at-top
@@ -100,10 +99,7 @@ class Reporter:
     """Saves the resolved config as config.json and config.yaml."""
     if not self.is_main:
       return
-    with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    with open(os.path.join(self.workdir, "config.yaml"), "w", encoding="utf-8") as f:
-      f.write(str(config))
+    workdir_lib.write_config(self.workdir, config)
 
   def _record(self, kind: str, step: int, metrics: dict) -> None:
     record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
@@ -172,8 +168,8 @@ def plot_curves(workdir: str) -> list[str]:
 
   records = read_metrics(workdir)
   curves = {
-      "loss.png": ("loss", [("train", "loss", "train loss"), ("eval", "loss", "eval loss")]),
-      "accuracy.png": ("accuracy", [("eval", "accuracy", "top-1"),
+      workdir_lib.LOSS_PLOT: ("loss", [("train", "loss", "train loss"), ("eval", "loss", "eval loss")]),
+      workdir_lib.ACCURACY_PLOT: ("accuracy", [("eval", "accuracy", "top-1"),
                                     ("eval", "accuracy_top5", "top-5")]),
   }
   written = []
@@ -191,7 +187,7 @@ def plot_curves(workdir: str) -> list[str]:
       ax.set_ylabel(ylabel)
       ax.grid(alpha=0.3)
       ax.legend()
-      path = os.path.join(workdir, filename)
+      path = workdir_lib.file(workdir, filename)
       fig.tight_layout()
       fig.savefig(path, dpi=100)
       written.append(path)

@@ -1,6 +1,6 @@
 """GPU check: attention implementations and bf16 agree with float32 XLA (logits, grad norm).
 
-Run from the repository root on a GPU machine:  PYTHONPATH=. python benchmarks/gpu_parity.py
+Run on a GPU machine: `python -m vit_jax.benchmark parity`.
 Results of 2026-11-26 on an H200: benchmarks/2026-11-26-h200.md.
 """
 
@@ -32,8 +32,8 @@ def logits_and_grad_norm(model, params, images):
   return logits.astype(jnp.float32), float(norm)
 
 
-def main():
-  print("jax", jax.__version__, jax.devices())
+def run_parity(log=print):
+  log("jax", jax.__version__, jax.devices())
   images = jax.random.uniform(jax.random.PRNGKey(1), (8, 224, 224, 3), minval=-1, maxval=1)
   params = reference = reference_norm = None
   for dtype, impl in VARIANTS:
@@ -43,10 +43,6 @@ def main():
     if reference is None:
       reference, reference_norm = logits, norm
     error = float(jnp.max(jnp.abs(logits - reference)))
-    print(f"{dtype:9s} {impl:12s} max|logits - f32 xla| = {error:.2e} "
+    log(f"{dtype:9s} {impl:12s} max|logits - f32 xla| = {error:.2e} "
           f"(max|logits| {float(jnp.max(jnp.abs(reference))):.2e}) "
           f"grad norm {norm:.6e} (f32 xla {reference_norm:.6e})")
-
-
-if __name__ == "__main__":
-  main()

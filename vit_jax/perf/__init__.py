@@ -1,0 +1,1 @@
+"""Speed and memory measurement: benchmark rows, the table, the input pipeline, GPU parity."""

@@ -1,0 +1,118 @@
+"""The train state and its layout on a device mesh.
+
+The parameters and optimizer state are float32 `jax.Array`s with the NamedShardings of
+`parallel.shardings` (replicated, FSDP or tensor parallel); the step and RNG replicate.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.checkpoints import place_like
+from vit_jax.parallel import shardings as shardings_lib
+from vit_jax.parallel.mesh import replicated
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a train step updates. `params` is the model's 'params' collection."""
+  step: jax.Array  # int32 scalar, the number of steps taken.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Base key; each step folds in its step number.
+
+
+def input_size(config) -> int:
+  """Side of the square training images: config.pp.crop if set, else the model's size."""
+  return int(config.pp.crop or config.model.image_size)
+
+
+def layout_options(config) -> dict:
+  """The keyword arguments of `create_train_state` / `abstract_train_state` a config sets."""
+  return dict(image_size=input_size(config), fsdp=bool(config.fsdp),
+              fsdp_min_size=int(config.fsdp_min_size))
+
+
+def _as_key(rng):
+  if isinstance(rng, (int, np.integer)):
+    return jax.random.PRNGKey(int(rng))
+  return rng
+
+
+def _build_state(model, tx, image_size, rng, params=None) -> TrainState:
+  params_rng, state_rng = jax.random.split(rng)
+  if params is None:
+    images = jnp.zeros((1, image_size, image_size, model.num_channels), jnp.float32)
+    params = model.init({"params": params_rng}, images, train=False)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), rng=state_rng)
+
+
+def _state_shardings(shapes: TrainState, mesh, fsdp: bool, fsdp_min_size: int) -> TrainState:
+  params = shardings_lib.param_shardings(shapes.params, mesh, fsdp=fsdp,
+                                         fsdp_min_size=fsdp_min_size)
+  rep = replicated(mesh)
+  opt_state = shardings_lib.opt_state_shardings(shapes.opt_state, shapes.params, params, mesh)
+  return TrainState(step=rep, params=params, opt_state=opt_state, rng=rep)
+
+
+def abstract_train_state(model, tx, mesh, *, image_size: int, fsdp: bool = False,
+                         fsdp_min_size: int = shardings_lib.DEFAULT_FSDP_MIN_SIZE):
+  """The TrainState as jax.ShapeDtypeStructs carrying their NamedSharding (for restore)."""
+  shapes = jax.eval_shape(functools.partial(_build_state, model, tx, image_size),
+                          jax.random.PRNGKey(0))
+  shardings = _state_shardings(shapes, mesh, fsdp, fsdp_min_size)
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _check_params_match(params, abstract_params):
+  """ValueError naming every missing, unexpected or mis-shaped parameter."""
+  flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  want = {jax.tree_util.keystr(p): x
+          for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  problems = [f"missing {k} {tuple(want[k].shape)}" for k in sorted(set(want) - set(flat))]
+  problems += [f"unexpected {k}" for k in sorted(set(flat) - set(want))]
+  problems += [f"{k}: got {tuple(np.shape(flat[k]))}, model wants {tuple(want[k].shape)}"
+               for k in sorted(set(flat) & set(want))
+               if tuple(np.shape(flat[k])) != tuple(want[k].shape)]
+  if problems:
+    raise ValueError("init_params do not fit the model (load them with "
+                     "checkpoints.load_pretrained to adapt head, pos_embedding and layout):\n  "
+                     + "\n  ".join(problems[:20])
+                     + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+
+
+def create_train_state(model, tx, mesh, *, rng, image_size: int, fsdp: bool = False,
+                       fsdp_min_size: int = shardings_lib.DEFAULT_FSDP_MIN_SIZE,
+                       init_params=None):
+  """A freshly initialised (or `init_params`-started) TrainState laid out on `mesh`.
+
+  Args:
+    model: the VisionTransformer (or an objective's model around it).
+    tx: the optax optimizer (`optim.make_optimizer(config)`).
+    mesh: from `parallel.mesh.make_mesh(config.mesh)`.
+    rng: int seed or PRNG key; must be the same on every process.
+    image_size: side of the square images the parameters are initialised for.
+    fsdp, fsdp_min_size: see `parallel.shardings.param_shardings`.
+    init_params: optional params tree (numpy or jax arrays) in the model's own layout,
+      e.g. from `checkpoints.load_pretrained`.
+  Returns:
+    (state, state_shardings): the state and a TrainState of NamedShardings.
+  """
+  rng = _as_key(rng)
+  abstract = abstract_train_state(model, tx, mesh, image_size=image_size, fsdp=fsdp,
+                                  fsdp_min_size=fsdp_min_size)
+  shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
+  rep = replicated(mesh)
+  build = functools.partial(_build_state, model, tx, image_size)
+  if init_params is None:
+    return jax.jit(build, in_shardings=rep, out_shardings=shardings)(rng), shardings
+  _check_params_match(init_params, abstract.params)
+  params = jax.tree_util.tree_map(place_like, init_params, abstract.params)
+  build = jax.jit(build, in_shardings=(rep, shardings.params), out_shardings=shardings)
+  return build(rng, params), shardings
