@@ -1,0 +1,1 @@
+"""Multi-device and multi-host start-up (placeholder; the lead reconciles this package)."""
