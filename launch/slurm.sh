@@ -5,14 +5,18 @@
 #   sbatch launch/slurm.sh --config=configs/vit_l16.py:imagenet2012,pretrain \
 #       --workdir=/shared/runs/vit_l16 [--config.X=Y ...]
 #
-# Every process runs the same command. JAX finds the job's nodes, this process's rank and
-# the coordinator (the first node) from the SLURM_* variables: config.distributed.mode
-# 'auto' calls jax.distributed.initialize() because SLURM_NTASKS > 1. --workdir must be on
-# a filesystem all nodes see (checkpoints are written together by all processes).
-# config.batch_size is global: each node loads batch_size / nodes examples per step.
-#
-# One process per GPU also works (--ntasks-per-node=8 --gpus-per-task=1); JAX then gives
-# each process the GPU SLURM assigned it.
+# srun starts the same command as every task. Each trainer maps its SLURM_* variables to
+# jax.distributed.initialize arguments with vit_jax.parallel.slurm.slurm_distributed_kwargs
+# (config.distributed.mode 'auto' initialises because SLURM_NTASKS > 1):
+#   coordinator  the first host of the node list, port $VIT_JAX_COORDINATOR_PORT or
+#                61440 + SLURM_JOB_ID % 4096;
+#   process      SLURM_PROCID of SLURM_NTASKS;
+#   GPUs         all the node's GPUs with one task per node; with several tasks per node
+#                (--ntasks-per-node=8 --gpus-per-task=1) each task drives its own.
+# This script computes the coordinator the same way before srun, so that a bad node list
+# fails here and the log says which host and port the tasks meet on.
+# --workdir must be on a filesystem all nodes see (checkpoints are written together by
+# all processes). config.batch_size is global: each task loads batch_size / tasks.
 #SBATCH --job-name=vit
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -24,9 +28,14 @@ set -euo pipefail
 
 # Submitted with sbatch, $0 is a copy of this script; run from the submission directory.
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+PYTHON="${PYTHON:-python}"
 
 # Let XLA use almost all GPU memory; keep the data workers' threads per process sane.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
-srun --kill-on-bad-exit=1 python -m vit_jax.main "$@"
+coordinator="$("$PYTHON" -m vit_jax.parallel.slurm)"
+echo "SLURM job ${SLURM_JOB_ID:-?}: ${SLURM_NTASKS:-1} tasks on" \
+     "${SLURM_JOB_NODELIST:-?}; coordinator ${coordinator}" >&2
+
+srun --kill-on-bad-exit=1 "$PYTHON" -m vit_jax.main "$@"

@@ -157,8 +157,13 @@ def test_distributed_init_kwargs():
   config = make_config()
   kwargs = distributed.distributed_init_kwargs
   assert kwargs(config, environ={}) is None  # Single process: nothing to do.
-  slurm = {"SLURM_JOB_ID": "17", "SLURM_NTASKS": "4"}
-  assert kwargs(config, environ=slurm) == {}  # JAX's own SLURM detection.
+  slurm = {"SLURM_JOB_ID": "17", "SLURM_NTASKS": "4", "SLURM_PROCID": "1",
+           "SLURM_NTASKS_PER_NODE": "2", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "node[01-02]"}
+  # The coordinator comes from the SLURM environment (vit_jax/parallel/slurm.py).
+  assert kwargs(config, environ=slurm) == dict(
+      coordinator_address="node01:61457", num_processes=4, process_id=1,
+      cluster_detection_method="deactivate", local_device_ids=[1])
   assert kwargs(config, environ={"SLURM_JOB_ID": "17", "SLURM_NTASKS": "1"}) is None
   assert kwargs(config, environ={"OMPI_COMM_WORLD_SIZE": "2"}) == {}
   assert kwargs(config, environ={"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == {}

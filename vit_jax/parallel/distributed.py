@@ -5,6 +5,8 @@ import os
 
 import jax
 
+from vit_jax.parallel import slurm
+
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
@@ -49,8 +51,11 @@ def distributed_init_kwargs(config, environ=None) -> dict | None:
     if not 0 <= pid < num:
       raise ValueError(f"config.distributed.process_id={pid} must be in [0, {num}).")
     return dict(coordinator_address=address, num_processes=num, process_id=pid)
+  slurm_kwargs = slurm.slurm_distributed_kwargs(environ)  # ValueError for a bad SLURM env.
+  if slurm_kwargs is not None:
+    return slurm_kwargs
   if mode == "on" or _environment_is_multiprocess(environ):
-    return {}  # JAX's own cluster detection (SLURM, Open MPI, Cloud TPU, env vars).
+    return {}  # JAX's own cluster detection (Open MPI, Cloud TPU, env vars).
   return None
 
 
