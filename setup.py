@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "grain>=0.2.12,<0.3",
     "array-record>=0.7",
     "etils[epath]>=1.10",
+    # epath opens gs:// through fsspec's gcsfs when TensorFlow is absent.
+    "gcsfs>=2024.6",
     "absl-py>=2.1",
     "numpy>=1.26",
     "scipy>=1.11",
@@ -43,7 +45,9 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # gcp-storage-emulator: a local GCS for the gs:// tests (no internet).
+        "test": ["pytest>=8", "pytest-timeout>=2.3",
+                 "gcp-storage-emulator>=2024.8.3"],
         "interop": INTEROP_REQUIRES,
     },
     license="Apache-2.0",
