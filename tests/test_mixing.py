@@ -38,10 +38,10 @@ def test_off_returns_the_inputs(kwargs):
 
 def test_not_mixed_draw_is_bit_identical():
   images, targets, _ = _batch()
+  mix = jax.jit(functools.partial(mixing.mix_batch, mixup_alpha=0.8, cutmix_alpha=1.0,
+                                  mix_prob=1e-9))
   for seed in range(5):  # mix_prob tiny: the draw says "not mixed"
-    out_images, out_targets = jax.jit(functools.partial(
-        mixing.mix_batch, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1e-9))(
-            jax.random.key(seed), images, targets)
+    out_images, out_targets = mix(jax.random.key(seed), images, targets)
     np.testing.assert_array_equal(out_images, images)
     np.testing.assert_array_equal(out_targets, targets)
 
@@ -110,8 +110,10 @@ def test_both_on_uses_each_sometimes():
 
 def test_switch_prob_one_is_always_cutmix():
   images, targets, _ = _batch()
+  mix = jax.jit(functools.partial(mixing.mix_batch, mixup_alpha=0.8, cutmix_alpha=1.0,
+                                  mix_prob=1.0, switch_prob=1.0))
   for seed in range(4):
-    out, _ = mixing.mix_batch(jax.random.key(seed), images, targets, 0.8, 1.0, 1.0, 1.0)
+    out, _ = mix(jax.random.key(seed), images, targets)
     # CutMix leaves some pixel of every image untouched unless the box covers all.
     assert np.all(np.asarray(out) == np.asarray(images), axis=(0, 3)).any()
 
