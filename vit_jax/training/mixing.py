@@ -34,7 +34,7 @@ def _check_alpha(name, alpha):
     raise ValueError(f'{name} must be >= 0 (0 = off), got {alpha}.')
 
 
-def _mixup(rng, images, targets, alpha):
+def _mixup(rng, images, alpha):
   lam = jax.random.beta(rng, alpha, alpha)
   mixed = lam.astype(images.dtype) * images + (1 - lam).astype(images.dtype) * images[::-1]
   return mixed, lam
@@ -59,7 +59,7 @@ def cutmix_mask(rng, lam, height: int, width: int):
   return in_rows[:, None] & in_cols[None, :]
 
 
-def _cutmix(rng, images, targets, alpha):
+def _cutmix(rng, images, alpha):
   k_lam, k_box = jax.random.split(rng)
   lam = jax.random.beta(k_lam, alpha, alpha)
   height, width = images.shape[1:3]
@@ -90,9 +90,9 @@ def mix_batch(rng, images, targets, mixup_alpha: float = 0.0, cutmix_alpha: floa
 
   branches = [lambda k: (images, jnp.ones((), jnp.float32))]  # 0: not mixed
   if mixup_alpha > 0:
-    branches.append(lambda k: _mixup(k, images, targets, mixup_alpha))
+    branches.append(lambda k: _mixup(k, images, mixup_alpha))
   if cutmix_alpha > 0:
-    branches.append(lambda k: _cutmix(k, images, targets, cutmix_alpha))
+    branches.append(lambda k: _cutmix(k, images, cutmix_alpha))
   k_apply, k_switch, k_mix = jax.random.split(rng, 3)
   if len(branches) == 3:
     choice = jnp.where(jax.random.uniform(k_switch) < switch_prob, 2, 1)
