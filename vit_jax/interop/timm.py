@@ -174,9 +174,10 @@ def create_timm_model(model_config, num_classes: int, img_size: Optional[int] = 
     return VisionTransformer(**timm_kwargs(c, num_classes, img_size))
   if c.resnet_width_factor != 1:
     raise ValueError("timm's hybrid ViTs use ResNet width factor 1.")
-  if match_eps and c.ws_form != "timm":
+  ws_form = c.get("ws_form", "reference")
+  if match_eps and ws_form != "timm":
     raise ValueError(
-        f"The model config has ws_form={c.ws_form!r}, but timm's StdConv2d computes "
+        f"The model config has ws_form={ws_form!r}, but timm's StdConv2d computes "
         "(w - mean) / sqrt(var + 1e-8): set ws_form='timm' in the config to match timm's "
         "outputs, or pass match_eps=False for a plain timm hybrid.")
   conv = partial(StdConv2dSame, eps=resnet.TIMM_WS_EPS)
