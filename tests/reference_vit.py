@@ -3,7 +3,8 @@
 Used by the tests as the "reference code": its parameters must apply to our model
 unchanged and give the same logits. It deliberately shares no code with vit_jax.models
 (stock nn.MultiHeadDotProductAttention, nn.Conv, nn.GroupNorm; the StdConv trick of
-standardising the kernel where nn.Conv asks for its parameter).
+standardising the kernel where nn.Conv asks for its parameter, with the reference's
+`(w - mean) / (std + 1e-5)`, eps added to the standard deviation).
 """
 
 from typing import Optional, Sequence
@@ -60,15 +61,25 @@ class RefEncoder(nn.Module):
     return nn.LayerNorm(epsilon=1e-6, name="encoder_norm")(x)
 
 
+def ref_weight_standardize(w, axis=(0, 1, 2), eps=1e-5):
+  """The reference's weight standardisation: centre, then divide by (std + eps)."""
+  w = w - jnp.mean(w, axis=axis, keepdims=True)
+  return w / (jnp.std(w, axis=axis, keepdims=True) + eps)
+
+
 class RefStdConv(nn.Conv):
+  """nn.Conv whose kernel is standardised where it is asked for, as in the reference."""
 
   def param(self, name, *args, **kwargs):
     value = super().param(name, *args, **kwargs)
     if name == "kernel":
-      mean = jnp.mean(value, axis=(0, 1, 2), keepdims=True)
-      var = jnp.var(value, axis=(0, 1, 2), keepdims=True)
-      value = (value - mean) / jnp.sqrt(var + 1e-5)
+      value = ref_weight_standardize(value)
     return value
+
+
+def ref_group_norm(name, **kwargs):
+  """The reference's GroupNorm: Flax's, 32 groups, epsilon 1e-6 (spelled out here)."""
+  return nn.GroupNorm(num_groups=32, epsilon=1e-6, name=name, **kwargs)
 
 
 class RefUnit(nn.Module):
@@ -81,13 +92,13 @@ class RefUnit(nn.Module):
     if x.shape[-1] != self.features * 4 or self.strides != (1, 1):
       residual = RefStdConv(self.features * 4, (1, 1), self.strides, use_bias=False,
                             name="conv_proj")(residual)
-      residual = nn.GroupNorm(name="gn_proj")(residual)
+      residual = ref_group_norm("gn_proj")(residual)
     y = RefStdConv(self.features, (1, 1), use_bias=False, name="conv1")(x)
-    y = nn.relu(nn.GroupNorm(name="gn1")(y))
+    y = nn.relu(ref_group_norm("gn1")(y))
     y = RefStdConv(self.features, (3, 3), self.strides, use_bias=False, name="conv2")(y)
-    y = nn.relu(nn.GroupNorm(name="gn2")(y))
+    y = nn.relu(ref_group_norm("gn2")(y))
     y = RefStdConv(self.features * 4, (1, 1), use_bias=False, name="conv3")(y)
-    y = nn.GroupNorm(name="gn3", scale_init=nn.initializers.zeros)(y)
+    y = ref_group_norm("gn3", scale_init=nn.initializers.zeros)(y)
     return nn.relu(residual + y)
 
 
@@ -118,7 +129,7 @@ class RefViT(nn.Module):
   def __call__(self, x):
     if self.resnet_layers is not None:
       x = RefStdConv(64, (7, 7), (2, 2), use_bias=False, name="conv_root")(x)
-      x = nn.relu(nn.GroupNorm(name="gn_root")(x))
+      x = nn.relu(ref_group_norm("gn_root")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
       for k, size in enumerate(self.resnet_layers):
         first_stride = (1, 1) if k == 0 else (2, 2)

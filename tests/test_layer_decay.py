@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from vit_jax import sharding
-from vit_jax.models import layout
+from vit_jax.models import params as names
+from vit_jax.parallel import mesh as mesh_lib, shardings as shardings_lib
 from vit_jax.models.vit import VisionTransformer
 from vit_jax.training import layer_decay as ld
 
@@ -103,7 +103,7 @@ def _scaled(params, updates, decay):
 def test_scanned_and_unrolled_scale_updates_the_same():
   unrolled = _init_params()
   updates = jax.tree.map(lambda p: jnp.ones_like(p) + p, unrolled)
-  to_scan = jax.jit(layout.unrolled_to_scan)
+  to_scan = jax.jit(names.unrolled_to_scan)
   from_unrolled = to_scan(_scaled(unrolled, updates, 0.7))
   from_scanned = _scaled(to_scan(unrolled), to_scan(updates), 0.7)
   assert jax.tree.structure(from_unrolled) == jax.tree.structure(from_scanned)
@@ -160,9 +160,9 @@ def test_fsdp_sharded_update_equals_unsharded(scan):
   tx = _optimizer(params)
   ref_params, ref_updates = jax.jit(lambda p, g: _run_steps(tx, p, g))(params, grads)
 
-  mesh = sharding.make_mesh([('data', -1)])
+  mesh = mesh_lib.make_mesh([('data', -1)])
   assert mesh.size == 8
-  shardings = sharding.param_shardings(params, mesh, fsdp=True, fsdp_min_size=256)
+  shardings = shardings_lib.param_shardings(params, mesh, fsdp=True, fsdp_min_size=256)
   specs = _by_path(shardings)
   dense = 'Transformer/encoderblock/' if scan else 'Transformer/encoderblock_1/'
   assert 'data' in specs[dense + 'MlpBlock_0/Dense_0/kernel'].spec  # really split

@@ -21,6 +21,7 @@ import numpy as np
 
 from vit_jax.interop import common
 from vit_jax.models import params as names
+from vit_jax.models import resnet
 
 _BLOCK_NAMES = {
     names.ATTENTION_NORM: "norm1", names.MLP_NORM: "norm2",
@@ -156,9 +157,11 @@ def create_timm_model(model_config, num_classes: int, img_size: Optional[int] = 
                       match_eps: bool = True):
   """A timm VisionTransformer with our architecture (random weights; imports timm).
 
-  Hybrids get timm's ResNetV2 backbone; `match_eps=True` gives it our epsilons
-  (weight standardisation 1e-5, GroupNorm 1e-6) instead of timm's defaults (1e-8, 1e-5),
-  so that outputs match; timm's pretrained hybrids use its defaults.
+  Hybrids get timm's ResNetV2 backbone, whose StdConv2d is our `ws_form='timm'`
+  ((w - mean) / sqrt(var + 1e-8)); timm has no layer for the reference form. With
+  `match_eps=True` (for parity) the model config must say ws_form='timm' and timm's
+  GroupNorm gets our eps 1e-6 instead of its default 1e-5, which timm's pretrained
+  hybrids use (`match_eps=False`).
   """
   from functools import partial
   from timm.layers import GroupNormAct, StdConv2dSame
@@ -171,7 +174,13 @@ def create_timm_model(model_config, num_classes: int, img_size: Optional[int] = 
     return VisionTransformer(**timm_kwargs(c, num_classes, img_size))
   if c.resnet_width_factor != 1:
     raise ValueError("timm's hybrid ViTs use ResNet width factor 1.")
-  conv = partial(StdConv2dSame, eps=1e-5 if match_eps else 1e-8)
+  ws_form = c.get("ws_form", "reference")
+  if match_eps and ws_form != "timm":
+    raise ValueError(
+        f"The model config has ws_form={ws_form!r}, but timm's StdConv2d computes "
+        "(w - mean) / sqrt(var + 1e-8): set ws_form='timm' in the config to match timm's "
+        "outputs, or pass match_eps=False for a plain timm hybrid.")
+  conv = partial(StdConv2dSame, eps=resnet.TIMM_WS_EPS)
   norm = partial(GroupNormAct, num_groups=32, eps=1e-6 if match_eps else 1e-5)
   if len(c.resnet_layers):
     backbone = ResNetV2(layers=tuple(c.resnet_layers), num_classes=0, global_pool="",

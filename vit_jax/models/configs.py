@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.representation_size = config_dict.placeholder(int)
   c.resnet_layers = config_dict.placeholder(tuple)
   c.resnet_width_factor = 1
+  c.ws_form = "reference"  # Hybrids: 'reference' (Google) or 'timm' weight standardisation.
   c.posemb = "learn"
   c.dropout_rate = 0.0
   c.attention_dropout_rate = 0.0

@@ -63,6 +63,7 @@ class VisionTransformer(nn.Module):
   representation_size: Optional[int] = None
   resnet_layers: Optional[Sequence[int]] = None  # None: plain ViT; (): stem only.
   resnet_width_factor: int = 1
+  ws_form: str = "reference"  # Hybrids' weight standardisation, see resnet.WS_FORMS.
   posemb: str = "learn"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -83,7 +84,7 @@ class VisionTransformer(nn.Module):
     x = images.astype(dtype)
     if self.resnet_layers is not None:
       x = resnet.resnet_features(x, tuple(self.resnet_layers),
-                                 64 * self.resnet_width_factor, dtype)
+                                 64 * self.resnet_width_factor, dtype, self.ws_form)
     p = self.patch_size
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
                 name=names.EMBEDDING)(x)
@@ -137,6 +138,7 @@ class VisionTransformer(nn.Module):
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"Unknown classifier {self.classifier!r}; choose one of {CLASSIFIERS}.")
     posembed.check_posemb_type(self.posemb)
+    resnet.check_ws_form(self.ws_form)
 
   def _check_images(self, images):
     if images.ndim != 4:

@@ -25,10 +25,11 @@ import jax
 import numpy as np
 import optax
 
-_BLOCK = re.compile(r'^encoderblock_(\d+)$')
+from vit_jax.models import params as tree
+
 _RESNET_STAGE = re.compile(r'^block\d+$')
-_EMBEDDING_NAMES = ('embedding', 'cls', 'conv_root', 'gn_root')
-_TOP_NAMES = ('head', 'pre_logits', 'MAPHead_0')
+_EMBEDDING_NAMES = (tree.EMBEDDING, tree.CLS, 'conv_root', 'gn_root')
+_TOP_NAMES = (tree.HEAD, tree.PRE_LOGITS, 'MAPHead_0')
 
 
 def check_layer_decay(decay) -> float:
@@ -42,22 +43,18 @@ def check_layer_decay(decay) -> float:
   return value
 
 
-def _key_names(path) -> list[str]:
-  return [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
-
-
 def _depth_id(names: list[str], num_layers: int):
   """Depth id (0 .. L + 1) of one parameter, or 'scanned' for the stacked blocks."""
-  if names[0] == 'Transformer' and len(names) > 1:
+  if names[0] == tree.TRANSFORMER and len(names) > 1:
     inner = names[1]
-    if inner == 'posembed_input':
+    if inner == tree.POSEMB_MODULE:
       return 0
-    if inner == 'encoder_norm':
+    if inner == tree.ENCODER_NORM:
       return num_layers + 1
-    if inner == 'encoderblock':
+    if inner == tree.SCANNED_BLOCK:
       return 'scanned'
-    if m := _BLOCK.match(inner):
-      return int(m.group(1)) + 1
+    if tree.block_index(inner) is not None:
+      return tree.block_index(inner) + 1
   elif names[0] in _EMBEDDING_NAMES or _RESNET_STAGE.match(names[0]):
     return 0
   elif names[0] in _TOP_NAMES:
@@ -84,7 +81,7 @@ def layer_decay_multipliers(params, decay: float, num_layers: int):
   blocks_seen = set()
 
   def multiplier(path, leaf):
-    names = _key_names(path)
+    names = [tree.key_name(k) for k in path]
     if names and names[0] == 'params':
       names = names[1:]
     depth = _depth_id(names, num_layers) if names else None
@@ -98,7 +95,7 @@ def layer_decay_multipliers(params, decay: float, num_layers: int):
       return scale.reshape((num_layers,) + (1,) * (len(leaf.shape) - 1))
     if depth is None:
       raise ValueError('Layer decay needs a tree of named parameters.')
-    if names[0] == 'Transformer' and _BLOCK.match(names[1]):
+    if names[0] == tree.TRANSFORMER and tree.block_index(names[1]) is not None:
       blocks_seen.add(depth - 1)
     return float(decay ** (num_layers + 1 - depth))
 
