@@ -35,7 +35,7 @@ def main(argv=None) -> int:
   try:
     predictor = inference.load(args.checkpoint, model=args.model, labels=args.labels)
     metadata = inference.export(predictor, args.output)
-  except (inference.LoadError, ckpt_errors.CheckpointError, FileNotFoundError) as e:
+  except (inference.LoadError, ckpt_errors.CheckpointError, ValueError, OSError) as e:
     print(f"Error: {e}", file=sys.stderr)
     return 1
   for note in predictor.notes:

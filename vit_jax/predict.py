@@ -124,7 +124,7 @@ def main(argv=None) -> int:
   try:
     predictor = inference.load(args.checkpoint, model=args.model, labels=args.labels,
                                batch_size=args.batch_size)
-  except (inference.LoadError, ckpt_errors.CheckpointError, FileNotFoundError) as e:
+  except (inference.LoadError, ckpt_errors.CheckpointError, ValueError, OSError) as e:
     _error(str(e))
     return 1
   for note in predictor.notes:
