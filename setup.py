@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "psutil>=5.9",
+    # jax.export serialization (python -m vit_jax.export).
+    "flatbuffers>=24.3",
 ]
 
 # Only for converting to / comparing with PyTorch models; never needed to train.

@@ -274,6 +274,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               is_main=jax.process_index() == 0,
                               progress_bar=config.progress_bar)
   report.write_config(config)
+  if jax.process_index() == 0 and len(info.class_names) == num_classes:
+    workdir_lib.write_labels(workdir, info.class_names)  # Class names for vit_jax.predict.
   report.info(f"Workdir {workdir}: {config.model.name} ({run.objective.describe(num_classes)}, "
               f"{config.model.image_size} px) on {info.name}, {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, mesh {dict(run.mesh.shape)}, "

@@ -5,6 +5,7 @@
   WORKDIR/tensorboard/               TensorBoard event files
   WORKDIR/checkpoints/<step>/        Orbax train states (training/loop.py)
   WORKDIR/params/                    the final parameters (for init_from or inference)
+  WORKDIR/labels.txt                 the dataset's class names, one per line (for predict)
   WORKDIR/loss.png, accuracy.png     curves drawn at the end
   WORKDIR/analysis/                  `python -m vit_jax.analyze` outputs
 """
@@ -23,6 +24,7 @@ PARAMS_DIR = "params"
 ANALYSIS_DIR = "analysis"
 LOSS_PLOT = "loss.png"
 ACCURACY_PLOT = "accuracy.png"
+LABELS_FILE = "labels.txt"
 
 
 def resolve(workdir: str) -> str:
@@ -91,3 +93,9 @@ def write_config(workdir: str, config) -> None:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   with open(file(workdir, CONFIG_YAML), "w", encoding="utf-8") as f:
     f.write(str(config))
+
+
+def write_labels(workdir: str, class_names) -> None:
+  """Saves the class names, one per line, in class-index order (read by vit_jax.predict)."""
+  with open(file(workdir, LABELS_FILE), "w", encoding="utf-8") as f:
+    f.write("".join(f"{name}\n" for name in class_names))
