@@ -150,6 +150,7 @@ def main(argv) -> int:
     from vit_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     from vit_jax.training import loop  # pylint: disable=g-import-not-at-top
     distributed.initialize_distributed(config)
+    preemption.install()  # Again: jax.distributed may have put its own handler in place.
     summary = loop.train_and_evaluate(config, workdir)
   except Exception as e:  # pylint: disable=broad-except
     return _exit_status(e)

@@ -277,7 +277,8 @@ def _has_checkpoints(workdir) -> bool:
 
 
 def _check(config, workdir):
-  """(mesh, dataset info, warnings, config changes): every start-up check; nothing written.
+  """(mesh, init_path, dataset info, warnings, config changes): every start-up check;
+  nothing is written.
 
   ConfigError listing every problem of the config, the workdir and the data's classes;
   ConfigChangeError when resuming would change a field fixed by the checkpoint.
@@ -285,22 +286,22 @@ def _check(config, workdir):
   config_check._raise(config_check.problems(config) +  # pylint: disable=protected-access
                       config_check.workdir_problems(workdir))
   mesh = config_check.make_mesh(config)
+  init_path = (None if workdir_lib.is_from_scratch(config.init_from)
+               else workdir_lib.resolve_init_from(config.init_from))
   info = data.get_info(config)
   warnings = config_check.check_start(config, workdir, mesh, info)
   changes = {}
   if _has_checkpoints(workdir):
     changes = config_history.check_resume(config_history.read_saved(workdir), config, workdir)
-  return mesh, info, warnings, changes
+  return mesh, init_path, info, warnings, changes
 
 
 def _prepare(config, mesh, info):
-  """(run, init_path, num_classes): the objective and model built; nothing is written."""
-  init_path = (None if workdir_lib.is_from_scratch(config.init_from)
-               else workdir_lib.resolve_init_from(config.init_from))
+  """(run, num_classes): the objective and model built; nothing is written."""
   objective = objectives.get(config)
   num_classes = config.num_classes or info.num_classes
   model = objective.create_model(config, num_classes)
-  return _Run(config, mesh, objective, model), init_path, num_classes
+  return _Run(config, mesh, objective, model), num_classes
 
 
 class _Say:
@@ -333,20 +334,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if workdir_lib.is_from_scratch(config.init_from):
     config.init_from = None
   workdir = workdir_lib.resolve(workdir)
-  mesh, info, warnings, changes = _check(config, workdir)
+  checked = _check(config, workdir)
   _stop_if_preempted("checks")
   say = _Say()
   lock = lock_lib.acquire_for_run(workdir, stale_after_s=config.lock_stale_after_s,
                                   heartbeat_s=config.lock_heartbeat_s, report=say)
   try:
-    return _locked_run(config, workdir, mesh, info, warnings, changes, say, start_time)
+    return _locked_run(config, workdir, checked, say, start_time)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _locked_run(config, workdir, mesh, info, warnings, changes, say, start_time) -> dict:
-  run, init_path, num_classes = _prepare(config, mesh, info)
+def _locked_run(config, workdir, checked, say, start_time) -> dict:
+  mesh, init_path, info, warnings, changes = checked
+  run, num_classes = _prepare(config, mesh, info)
   _stop_if_preempted("building the model")
   ckpt = checkpoints.TrainCheckpointer(
       workdir_lib.file(workdir, workdir_lib.CHECKPOINT_DIR),

@@ -22,14 +22,21 @@ def _handle(signum, frame):
 
 
 def install() -> bool:
-  """Turns SIGTERM into the flag (once; main thread only). True if installed now."""
-  if _installed["done"] or threading.current_thread() is not threading.main_thread():
+  """Turns SIGTERM into the flag (main thread only); True if this call installed it first.
+
+  Calling it again re-arms the handler: jax.distributed.initialize registers its own
+  SIGTERM handler in C++ (its preemption notice), which replaces ours without Python
+  knowing, so main calls this again after it.
+  """
+  if threading.current_thread() is not threading.main_thread():
     return False
-  _installed["previous"] = signal.signal(signal.SIGTERM, _handle)
+  previous = signal.signal(signal.SIGTERM, _handle)
   # Restart interrupted system calls: a signal landing inside a blocking collective
   # (gloo/TCP on CPU) must not break it on this process only.
   signal.siginterrupt(signal.SIGTERM, False)
-  _installed["done"] = True
+  if _installed["done"]:
+    return False
+  _installed.update(previous=previous, done=True)
   return True
 
 
