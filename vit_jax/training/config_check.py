@@ -77,7 +77,7 @@ def _ranges(config) -> list[str]:
     lines.append(f"config.accum_steps must be >= 1, got {config.accum_steps}.")
   lr = _number(config, "lr")
   if lr is None or not lr > 0:
-    lines.append(f"config.lr={config.lr} must be > 0 (a negative rate climbs the loss).")
+    lines.append(f"config.lr={config.lr} must be > 0 (a negative rate climbs the loss, 0 learns nothing).")
   if not float(config.weight_decay or 0.0) >= 0:
     lines.append(f"config.weight_decay={config.weight_decay} must be >= 0.")
   for field in _UNIT_INTERVAL:
