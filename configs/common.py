@@ -115,6 +115,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.preemption_sync_every = 10  # Multi-host: steps between agreeing on a SIGTERM.
   c.progress_bar = False  # True: a tqdm bar instead of one line per log_every steps.
   c.plots = True  # PNG loss/accuracy curves in the workdir at the end.
+
+  # A workdir that survives its users (vit_jax/training/config_history.py, lock.py).
+  # Fields fixed by a checkpoint (model.*, batch_size, dataset, seed, ...) allowed to change
+  # on resume, comma-separated, e.g. "model.dropout_rate,batch_size"; "" = none.
+  c.allow_config_change = ""
+  c.lock_stale_after_s = 600.0  # A lock whose heartbeat is older is taken over.
+  c.lock_heartbeat_s = 30.0  # How often a run rewrites its lock's heartbeat.
   return c
 
 

@@ -24,6 +24,8 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --output=vit-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=TERM@120
 set -euo pipefail
 
 # Submitted with sbatch, $0 is a copy of this script; run from the submission directory.
@@ -38,4 +40,15 @@ coordinator="$("$PYTHON" -m vit_jax.parallel.slurm)"
 echo "SLURM job ${SLURM_JOB_ID:-?}: ${SLURM_NTASKS:-1} tasks on" \
      "${SLURM_JOB_NODELIST:-?}; coordinator ${coordinator}" >&2
 
-srun --kill-on-bad-exit=1 "$PYTHON" -m vit_jax.main "$@"
+# Exit status 75 (vit_jax.training.loop.PREEMPTED_EXIT_CODE): the trainer was preempted
+# (SIGTERM, e.g. `scancel --signal=TERM` or the end of --time with --signal=TERM@120) and
+# saved a checkpoint: requeue the job, which resumes from it. Any other failure ends it.
+# (#SBATCH --requeue is needed on clusters where requeueing is off by default.)
+status=0
+srun --kill-on-bad-exit=1 "$PYTHON" -m vit_jax.main "$@" || status=$?
+if [[ "$status" -eq 75 && -n "${SLURM_JOB_ID:-}" ]]; then
+  echo "Preempted: requeueing SLURM job ${SLURM_JOB_ID}" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"

@@ -34,9 +34,9 @@ import tempfile
 from typing import Callable, Sequence, Union
 
 # The trainer's exit status after a preemption (SIGTERM: it saved a checkpoint and
-# stopped early): EX_TEMPFAIL of sysexits.h, "try again later". The constant will live
-# in vit_jax/training/loop.py (PREEMPTED_EXIT_CODE); it is defined here for now. Keep the
-# two equal: this script runs without vit_jax installed, so it cannot import it.
+# stopped early): EX_TEMPFAIL of sysexits.h, "try again later". It equals
+# vit_jax.training.loop.PREEMPTED_EXIT_CODE (tests/test_robustness.py checks): this script
+# runs without vit_jax installed, so it cannot import it.
 PREEMPTED_EXIT_CODE = 75
 
 SOURCE_ROOT = pathlib.Path(__file__).resolve().parents[1]

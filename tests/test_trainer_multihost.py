@@ -41,7 +41,7 @@ def _start_pair(workdir):
   return procs
 
 
-def _finish(procs) -> list[str]:
+def _finish(procs, returncode=0) -> list[str]:
   """Waits for both; on a hang, their Python stacks (faulthandler) are in the failure."""
   outs = []
   for proc in procs:
@@ -52,7 +52,7 @@ def _finish(procs) -> list[str]:
         p.send_signal(signal.SIGABRT)
       dumps = [p.communicate()[0][-4000:] for p in procs]
       raise AssertionError("Processes hung:\n" + "\n-----\n".join(dumps)) from None
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == returncode, out[-3000:]
     outs.append(out)
   return outs
 
@@ -67,7 +67,7 @@ def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
     if line.startswith("step  5/") or time.monotonic() > deadline:
       break
   second.send_signal(signal.SIGTERM)  # Only process 1 is "preempted".
-  out0, out1 = _finish([first, second])
+  out0, out1 = _finish([first, second], returncode=75)  # Preempted: both exit 75.
   out0 = "".join(seen) + out0
   assert "Preemption (SIGTERM): saving a checkpoint at step" in out0, out0[-2000:]
   stopped = int(out0.split("saving a checkpoint at step ")[1].split(" ")[0])

@@ -40,9 +40,9 @@ def _start(workdir, cache_dir):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc) -> str:
+def _finish(proc, returncode=0) -> str:
   out, _ = proc.communicate(timeout=TIMEOUT)
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == returncode, out[-3000:]
   return out
 
 
@@ -82,11 +82,11 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, cache_dir):
   reference_dir, workdir = str(tmp_path / "uninterrupted"), str(tmp_path / "interrupted")
   reference = _start(reference_dir, cache_dir)  # Runs alongside the interrupted chain.
 
-  # 1. Preemption: SIGTERM mid-run saves a checkpoint at the current step and exits 0.
+  # 1. Preemption: SIGTERM mid-run saves a checkpoint at the current step and exits 75.
   proc = _start(workdir, cache_dir)
   _read_until(proc, lambda line: line.startswith("step  6/"))
   proc.send_signal(signal.SIGTERM)
-  out = _finish(proc)
+  out = _finish(proc, returncode=75)
   assert "Preemption (SIGTERM): saving a checkpoint at step" in out, out[-2000:]
   stopped = int(out.split("saving a checkpoint at step ")[1].split(" ")[0])
   assert 6 <= stopped < 20

@@ -11,6 +11,7 @@ accuracies on frozen pre-logits features, to WORKDIR/analysis (or --out).
 from absl import app, flags
 import numpy as np
 
+from vit_jax.cli import errors as cli_errors
 from vit_jax.evaluate import analysis
 from vit_jax.training import workdir as workdir_lib
 
@@ -27,8 +28,12 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   out = FLAGS.out or workdir_lib.file(FLAGS.workdir, workdir_lib.ANALYSIS_DIR)
-  result = analysis.analyse(FLAGS.workdir, out, FLAGS.num_images,
-                            [int(s) for s in FLAGS.shots], FLAGS.fewshot_examples)
+  try:
+    result = analysis.analyse(FLAGS.workdir, out, FLAGS.num_images,
+                              [int(s) for s in FLAGS.shots], FLAGS.fewshot_examples)
+  except cli_errors.INPUT_ERRORS as e:  # Not a workdir, no params/, data not prepared.
+    cli_errors.report(e)
+    return 1
   for name, accuracy in result["fewshot"].items():
     print(f"few-shot {name}: {accuracy}")
   print("mean attention distance per layer (px):",

@@ -151,5 +151,16 @@ def main(argv=None) -> None:
       json.dump(results, f, indent=1)
 
 
+def _command() -> int:
+  """main() with one message, not a traceback, for a bad flag value or path."""
+  from vit_jax.cli import errors as cli_errors  # pylint: disable=g-import-not-at-top
+  try:
+    main()
+  except cli_errors.INPUT_ERRORS as e:
+    cli_errors.report(e)
+    return 2
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(_command())

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from vit_jax import checkpoints, models
+from vit_jax.cli import errors as cli_errors
 
 FORMATS = ("npz", "orbax", "timm", "hf")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -179,13 +180,15 @@ def main(argv=None) -> int:
   parser.add_argument("--num-heads", type=int)
   parser.add_argument("--exact-gelu", action="store_true",
                       help="HF config: exact GELU (timm/HF-trained weights) instead of tanh")
+  parser.add_argument("--verbosity", type=int, default=0,
+                      help="1: print the traceback of an error too")
   args = parser.parse_args(argv)
   try:
     summary = convert(args.src, args.dst, src_format=args.src_format,
                       dst_format=args.dst_format, model=args.model, num_heads=args.num_heads,
                       exact_gelu=args.exact_gelu)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except cli_errors.INPUT_ERRORS as e:  # A bad path, format or file: one message.
+    cli_errors.report(e, argv)
     return 2
   print(f"{args.src} ({summary['from']}) -> {args.dst} ({summary['to']}): "
         f"{summary['arrays']} arrays, {summary['parameters']:,} parameters")

@@ -5,6 +5,11 @@ Without --config it runs the embedded default job (a small ViT on the digits dat
 ./workdir/default. Every config field can be overridden, e.g.
 `--config.model.patch_size=32 --config.batch_size=256`; see configs/common.py for the fields.
 Rerunning the same command resumes from the newest checkpoint in the workdir.
+
+Exit status: 0 finished; 75 preempted (SIGTERM: a checkpoint was saved, rerun to resume;
+launch/ scripts restart or requeue on it); 1 a bad input, a workdir in use or a diverged
+run (one message on stderr; VIT_JAX_TRACEBACK=1 or --verbosity=1 adds the traceback);
+2 a bad flag or config file.
 """
 
 import importlib.util
@@ -16,7 +21,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vit_jax.cli import errors as cli_errors
 from vit_jax.parallel import cpu_devices
+from vit_jax.training import preemption
+
+# Equal to training.loop.PREEMPTED_EXIT_CODE (checked by a test); defined here too so
+# that main need not import the trainer before the SIGTERM handler is in place.
+PREEMPTED_EXIT_CODE = 75
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
@@ -105,7 +116,7 @@ def parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     # config_flags raises these for a missing file, a field that does not exist or a
     # value of the wrong type.
-    print(f"Error: {_explain_flag_error(argv, e)}", file=sys.stderr, flush=True)
+    cli_errors.report(ValueError(_explain_flag_error(argv, e)), argv)
     sys.exit(2)
 
 
@@ -119,33 +130,55 @@ def default_workdir(config_spec: str) -> str:
 
 
 def main(argv) -> int:
-  """Trains the parsed config; returns the exit status (1 for a bad input or divergence)."""
+  """Trains the parsed config; returns the exit status (see the module docstring)."""
+  preemption.install()  # First: a SIGTERM from here on is honoured, never a crash.
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; config fields are set with "
                          "--config.FIELD=VALUE.")
+  if preemption.requested():
+    print("Preemption (SIGTERM) before start: nothing done.", file=sys.stderr, flush=True)
+    return PREEMPTED_EXIT_CODE
   cpu_devices.configure_cpu_devices()  # Before anything initialises the JAX backends.
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs hundreds of INFO lines per run; progress is printed on stdout anyway.
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  from vit_jax import data  # pylint: disable=g-import-not-at-top
-  from vit_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import loop  # pylint: disable=g-import-not-at-top
   spec = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(spec)
   print(f"Config {spec}, workdir {os.path.abspath(workdir)}", flush=True)
   try:
+    from vit_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+    from vit_jax.training import loop  # pylint: disable=g-import-not-at-top
     distributed.initialize_distributed(config)
-    loop.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError, data.DataError, loop.TrainingDivergedError) as e:
-    # Bad input or a diverged run: the message says what to do, a traceback would not.
-    print(f"Error: {e}", file=sys.stderr, flush=True)
-    return 1
-  return 0
+    preemption.install()  # Again: jax.distributed may have put its own handler in place.
+    summary = loop.train_and_evaluate(config, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    return _exit_status(e)
+  return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
+
+
+def _exit_status(error: Exception) -> int:
+  """One message for an input error or a preempted start-up; a bug is re-raised."""
+  from vit_jax import data  # pylint: disable=g-import-not-at-top
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import lock  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import loop  # pylint: disable=g-import-not-at-top
+  if isinstance(error, loop.PreemptedError):
+    print(str(error), file=sys.stderr, flush=True)
+    return PREEMPTED_EXIT_CODE
+  expected = cli_errors.INPUT_ERRORS + (data.DataError, storage.StorageError,
+                                        lock.WorkdirLockedError,
+                                        loop.TrainingDivergedError)
+  if not isinstance(error, expected):
+    raise error
+  # Bad input, a workdir in use or a diverged run: the message says what to do.
+  cli_errors.report(error)
+  return 1
 
 
 def run():
   """Entry point: parses the flags (one message for a bad config or field), then trains."""
+  preemption.install()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 

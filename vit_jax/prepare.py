@@ -13,6 +13,7 @@ prepared copy from data_dir. tfds shows progress bars while writing.
 import argparse
 import sys
 
+from vit_jax.cli import errors as cli_errors
 from vit_jax.data.errors import DataError
 from vit_jax.data.preparation import prepare
 
@@ -28,11 +29,13 @@ def main(argv=None) -> int:
                       help="folder with manually downloaded files (e.g. imagenet2012)")
   parser.add_argument("--overwrite", action="store_true",
                       help="re-generate even if already prepared")
+  parser.add_argument("--verbosity", type=int, default=0,
+                      help="1: print the traceback of an error too")
   args = parser.parse_args(argv)
   try:
     path = prepare(args.name, args.data_dir, args.manual_dir, args.overwrite)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (DataError,) + cli_errors.INPUT_ERRORS as e:
+    cli_errors.report(e, argv)
     return 2
   print(f"Prepared {args.name} as ArrayRecord in {path}")
   return 0

@@ -4,10 +4,12 @@ Shapes come from `jax.eval_shape`, so even ViT-H is summarised without allocatin
 """
 
 import argparse
+import sys
 
 import numpy as np
 
 from vit_jax import models
+from vit_jax.cli import errors as cli_errors
 
 
 def format_table(shapes: dict) -> str:
@@ -25,12 +27,20 @@ def main(argv=None):
   parser.add_argument("model", nargs="?", default="ViT-B_16", help=", ".join(models.MODEL_NAMES))
   parser.add_argument("--num_classes", type=int, default=1000)
   parser.add_argument("--image_size", type=int, default=None)
+  parser.add_argument("--verbosity", type=int, default=0,
+                      help="1: print the traceback of an error too")
   args = parser.parse_args(argv)
-  config = models.get_config(args.model)
-  model = models.from_config(config, args.num_classes)
+  try:
+    config = models.get_config(args.model)
+    model = models.from_config(config, args.num_classes)
+    table = format_table(models.param_shapes(model, args.image_size or config.image_size))
+  except cli_errors.INPUT_ERRORS as e:  # An unknown name, a size the patches do not fit.
+    cli_errors.report(e, argv)
+    return 2
   print(f"{args.model} ({args.num_classes} classes, {args.image_size or config.image_size} px)")
-  print(format_table(models.param_shapes(model, args.image_size or config.image_size)))
+  print(table)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

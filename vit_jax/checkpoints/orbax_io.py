@@ -5,9 +5,17 @@ Layout of a `TrainCheckpointer` directory (one Orbax `CheckpointManager`):
   DIR/<step>/data/    the data iterator's JSON state, JsonSave (when given)
 A step directory is written under a temporary name and renamed when complete, so a
 process killed mid-save leaves the previous checkpoints untouched and `latest_step()`
-never sees the partial one.
+never sees the partial one (Orbax removes such `<step>.orbax-checkpoint-tmp*` leftovers
+when the manager opens).
+
+`restore_newest` resumes past damage: when the newest step cannot be restored (a file
+truncated, deleted or overwritten), it tries the older ones, moves every newer step that
+failed aside to `DIR/<step>.damaged-<time>` (never deleted: Orbax no longer lists it) and
+returns the newest that restored; if none does, nothing is moved and the error lists
+every step tried with its reason.
 """
 
+import datetime
 import re
 from typing import Any, Optional
 
@@ -97,6 +105,19 @@ def _damaged_message(path, error) -> str:
           f"{str(error)[:500]}\nThe directory is damaged or incomplete (a file missing, "
           "truncated or overwritten), or the target tree does not match what was saved. "
           "Use an earlier step, or re-copy the checkpoint.")
+
+
+def _reason(error: CheckpointError) -> str:
+  """The first line of a restore error, without the advice that follows it."""
+  return str(error).split("\n")[0].replace("Could not restore the Orbax checkpoint at ", "")
+
+
+def _everywhere_ok(ok: bool) -> bool:
+  """True when `ok` on every process (one all-gather with several processes)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class TrainCheckpointer:
@@ -194,6 +215,49 @@ class TrainCheckpointer:
     except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
       raise CheckpointError(_damaged_message(step_dir, e)) from e
     return restored[_STATE], restored[_DATA] if has_data else None
+
+  def restore_newest(self, abstract_state, *, say=print):
+    """(state, data_state, step) of the newest step that restores, or None if there is none.
+
+    Steps newer than it that failed are moved aside (see the module docstring) and the
+    manager's step list reloaded, so the next save of those steps starts clean.
+    CheckpointError listing every step tried when none restores.
+    """
+    failed = []  # (step, reason)
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(abstract_state, step)
+        error = None
+      except CheckpointError as e:
+        error = e
+      if not _everywhere_ok(error is None):
+        failed.append((step, _reason(error) if error else "failed on another process"))
+        continue
+      for bad_step, reason in failed:
+        aside = self.move_aside(bad_step)
+        say(f"The checkpoint at step {bad_step} cannot be restored ({reason}); moved it to "
+            f"{aside} (kept, not deleted). Resuming from step {step} instead.")
+      return state, data_state, step
+    if failed:
+      tried = "\n  ".join(f"step {s}: {r}" for s, r in failed)
+      raise CheckpointError(
+          f"No checkpoint in {self.directory} can be restored; tried (newest first):\n  "
+          f"{tried}\nIf the config changed since they were written, set it back; else the "
+          "files are damaged: re-copy them, or move the step directories away to start "
+          "from scratch.")
+    return None
+
+  def move_aside(self, step: int) -> epath.Path:
+    """Renames DIR/<step> to DIR/<step>.damaged-<time> (process 0) and reloads the list."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = self.directory / f"{int(step)}.damaged-{stamp}"
+    if jax.process_index() == 0:
+      (self.directory / str(int(step))).rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"vit_jax_move_aside_{int(step)}")
+    self._manager.reload()
+    return aside
 
   def wait(self) -> None:
     """Blocks until a pending async save is complete on disk."""

@@ -5,9 +5,17 @@ the state and the input pipeline, resumes from the newest checkpoint in `workdir
 starts from `config.init_from`), trains to `config.total_steps` with evaluation and
 checkpoints every N steps, and leaves metrics, plots and the exported parameters in
 `workdir` (layout: training/workdir.py). SIGTERM (preemption) saves a checkpoint and
-returns; a NaN loss stops the run with `TrainingDivergedError` and keeps the last good
-checkpoint. What is learned (classification, masked patch prediction) is the
-`config.objective` (training/objectives/); this module names none of them.
+returns (`summary['preempted']`; `python -m vit_jax.main` then exits with
+PREEMPTED_EXIT_CODE); a SIGTERM during start-up stops before the first step with
+`PreemptedError`, nothing saved. A NaN loss stops the run with `TrainingDivergedError`
+and keeps the last good checkpoint. What is learned (classification, masked patch
+prediction) is the `config.objective` (training/objectives/); this module names none.
+
+Start-up order, so that a bad input stops before anything is written: the config, the
+workdir and the data's classes are checked (config_check.check_start), a resume's config
+is compared with the saved one (config_history), then the workdir is locked (lock.py),
+and only then are the model, the checkpoint manager and the input pipeline built and the
+newest checkpoint that restores is loaded (damaged newer ones are moved aside).
 """
 
 import time
@@ -18,17 +26,37 @@ import numpy as np
 from vit_jax import checkpoints
 from vit_jax import data
 from vit_jax.parallel import mesh as mesh_lib
+from vit_jax import storage
 from vit_jax.training import config_check
+from vit_jax.training import config_history
+from vit_jax.training import lock as lock_lib
 from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax.training import reporting
 from vit_jax.training import state as state_lib
+from vit_jax.training import preemption
 from vit_jax.training import workdir as workdir_lib
 from vit_jax.training.preemption import PreemptionWatcher
+
+# The exit status of a preempted run (SIGTERM; a checkpoint was saved if any step ran):
+# EX_TEMPFAIL of sysexits.h, "try again later". launch/tpu.py restarts on it and
+# launch/slurm.sh requeues the job; any other non-zero status is a failure.
+PREEMPTED_EXIT_CODE = 75
 
 
 class TrainingDivergedError(RuntimeError):
   """The loss (or gradient norm) became NaN or infinite."""
+
+
+class PreemptedError(RuntimeError):
+  """SIGTERM during start-up: the run stopped before its first step, nothing saved."""
+
+
+def _stop_if_preempted(phase: str) -> None:
+  """PreemptedError if SIGTERM arrived (one process; several agree in the loop instead)."""
+  if jax.process_count() == 1 and preemption.requested():
+    raise PreemptedError(f"Preemption (SIGTERM) during start-up ({phase}): stopped before "
+                         "the first step, nothing saved. Rerun the same command to start.")
 
 
 class _Run:
@@ -178,6 +206,7 @@ class _Loop:
     """Trains to total_steps, or until SIGTERM (then saves); waits for the last save."""
     watcher = PreemptionWatcher(self.config.preemption_sync_every)
     finished_before = self.step >= self.total
+    first_step = self.step
     try:
       while self.step < self.total:
         if watcher.should_stop(self.step):
@@ -187,7 +216,10 @@ class _Loop:
         self.step += 1
         self.buffer.add(self.step, metrics)
         self._after_step()
-      if self.preempted:
+      if self.preempted and self.step == first_step:
+        self.report.info(f"Preemption (SIGTERM) before the first step of this run (step "
+                         f"{self.step}): nothing new to save; stopping.")
+      elif self.preempted:
         self.buffer.check()
         self.report.info(f"Preemption (SIGTERM): saving a checkpoint at step {self.step} "
                          "and stopping.")
@@ -222,33 +254,70 @@ def _for_this_process(data_state):
   return dict(data_state, pipeline=dict(pipeline, process_index=jax.process_index()))
 
 
-def _start_or_resume(run: _Run, ckpt, train_iter, init_path, report):
-  """(state, shardings, resume_step): the newest checkpoint, else a fresh/pre-trained state."""
-  resume_step = ckpt.latest_step()
-  if resume_step is None:
-    state, shardings = run.initial_state(init_path, report)
-    return state, shardings, None
+def _start_or_resume(run: _Run, ckpt, train_iter, init_path, say):
+  """(state, shardings, resume_step): the newest checkpoint that restores, else a fresh or
+  pre-trained state. Damaged newer checkpoints are moved aside (orbax_io.restore_newest)."""
   abstract = run.abstract_state()
-  state, data_state = ckpt.restore(abstract)
+  restored = ckpt.restore_newest(abstract, say=say)
+  if restored is None:
+    del abstract
+    state, shardings = run.initial_state(init_path, say)
+    return state, shardings, None
+  state, data_state, resume_step = restored
   if data_state is not None:
     train_iter.set_state(_for_this_process(data_state))
-  report.info(f"Resumed from the checkpoint at step {resume_step} in {ckpt.directory}.")
+  say(f"Resumed from the checkpoint at step {resume_step} in {ckpt.directory}.")
   return state, jax.tree.map(lambda a: a.sharding, abstract), resume_step
 
 
-def _prepare(config):
-  """(run, init_path, dataset info, num_classes): the config checked, the mesh,
-  objective and model built; nothing is written yet."""
-  config_check.check_config(config)
+def _has_checkpoints(workdir) -> bool:
+  """Whether WORKDIR/checkpoints holds a step directory (a listing; nothing is opened)."""
+  directory = storage.as_path(workdir) / workdir_lib.CHECKPOINT_DIR
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _check(config, workdir):
+  """(mesh, init_path, dataset info, warnings, config changes): every start-up check;
+  nothing is written.
+
+  ConfigError listing every problem of the config, the workdir and the data's classes;
+  ConfigChangeError when resuming would change a field fixed by the checkpoint.
+  """
+  config_check._raise(config_check.problems(config) +  # pylint: disable=protected-access
+                      config_check.workdir_problems(workdir))
   mesh = config_check.make_mesh(config)
-  config_check.check_config(config, mesh)
   init_path = (None if workdir_lib.is_from_scratch(config.init_from)
                else workdir_lib.resolve_init_from(config.init_from))
-  objective = objectives.get(config)
   info = data.get_info(config)
+  warnings = config_check.check_start(config, workdir, mesh, info)
+  changes = {}
+  if _has_checkpoints(workdir):
+    changes = config_history.check_resume(config_history.read_saved(workdir), config, workdir)
+  return mesh, init_path, info, warnings, changes
+
+
+def _prepare(config, mesh, info):
+  """(run, num_classes): the objective and model built; nothing is written."""
+  objective = objectives.get(config)
   num_classes = config.num_classes or info.num_classes
   model = objective.create_model(config, num_classes)
-  return _Run(config, mesh, objective, model), init_path, info, num_classes
+  return _Run(config, mesh, objective, model), num_classes
+
+
+class _Say:
+  """Prints a line on process 0 before the Reporter exists (then through it)."""
+
+  def __init__(self):
+    self.report = None
+
+  def __call__(self, text):
+    if self.report is not None:
+      self.report.info(text)
+    elif jax.process_index() == 0:
+      print(text, flush=True)
+
+  def info(self, text):
+    self(text)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -256,39 +325,67 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   The summary holds 'step', 'accuracy', 'accuracy_top5', 'eval_loss', 'best_accuracy',
   'best_step', 'wall_time_s', 'workdir', 'checkpoint_dir', 'params_dir', 'preempted',
-  'plots'.
+  'plots'. Raises ConfigError / ConfigChangeError / data.DataError / WorkdirLockedError
+  before anything is written, PreemptedError for a SIGTERM during start-up,
+  CheckpointError when no checkpoint of the workdir restores.
   """
   start_time = time.perf_counter()
   config = config.copy_and_resolve_references()
   if workdir_lib.is_from_scratch(config.init_from):
     config.init_from = None
-  run, init_path, info, num_classes = _prepare(config)
   workdir = workdir_lib.resolve(workdir)
+  checked = _check(config, workdir)
+  _stop_if_preempted("checks")
+  say = _Say()
+  lock = lock_lib.acquire_for_run(workdir, stale_after_s=config.lock_stale_after_s,
+                                  heartbeat_s=config.lock_heartbeat_s, report=say)
+  try:
+    return _locked_run(config, workdir, checked, say, start_time)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _locked_run(config, workdir, checked, say, start_time) -> dict:
+  mesh, init_path, info, warnings, changes = checked
+  run, num_classes = _prepare(config, mesh, info)
+  _stop_if_preempted("building the model")
   ckpt = checkpoints.TrainCheckpointer(
       workdir_lib.file(workdir, workdir_lib.CHECKPOINT_DIR),
       max_to_keep=config.keep_checkpoints, keep_best=True, best_metric="accuracy",
       async_save=config.async_checkpoint)
-  report = reporting.Reporter(workdir, total_steps=config.total_steps,
-                              batch_size=config.batch_size,
-                              start_step=ckpt.latest_step() or 0,
-                              is_main=jax.process_index() == 0,
-                              progress_bar=config.progress_bar)
-  report.write_config(config)
-  if jax.process_index() == 0 and len(info.class_names) == num_classes:
-    workdir_lib.write_labels(workdir, info.class_names)  # Class names for vit_jax.predict.
-  report.info(f"Workdir {workdir}: {config.model.name} ({run.objective.describe(num_classes)}, "
-              f"{config.model.image_size} px) on {info.name}, {jax.device_count()} "
-              f"{jax.devices()[0].platform} devices, mesh {dict(run.mesh.shape)}, "
-              f"{jax.process_count()} process(es).")
   train_iter = data.make_train_iterator(config, seed=config.seed)
+  report = None
   try:
-    state, shardings, resume_step = _start_or_resume(run, ckpt, train_iter, init_path, report)
+    _stop_if_preempted("building the input pipeline")
+    state, shardings, resume_step = _start_or_resume(run, ckpt, train_iter, init_path, say)
+    _stop_if_preempted("restoring the state")
+    report = reporting.Reporter(workdir, total_steps=config.total_steps,
+                                batch_size=config.batch_size, start_step=resume_step or 0,
+                                is_main=jax.process_index() == 0,
+                                progress_bar=config.progress_bar)
+    say.report = report
+    for line in warnings:
+      report.info(f"Warning: {line}")
+    if changes and resume_step is not None:
+      report.info(config_history.describe_changes(changes))
+    report.write_config(config)
+    if jax.process_index() == 0 and len(info.class_names) == num_classes:
+      workdir_lib.write_labels(workdir, info.class_names)  # Class names for vit_jax.predict.
+    if jax.process_index() == 0:
+      config_history.append(workdir, resume_step or 0, config,
+                            changes if resume_step is not None else {})
+    report.info(f"Workdir {workdir}: {config.model.name} ({run.objective.describe(num_classes)}, "
+                f"{config.model.image_size} px) on {info.name}, {jax.device_count()} "
+                f"{jax.devices()[0].platform} devices, mesh {dict(run.mesh.shape)}, "
+                f"{jax.process_count()} process(es).")
     loop = _Loop(run, workdir, report, ckpt, train_iter, state, shardings, resume_step)
     loop.run()
   finally:
     train_iter.close()
     ckpt.close()
-    report.close()
+    if report is not None:
+      report.close()
   return _finish(run, loop, workdir, report, ckpt, time.perf_counter() - start_time)
 
 

@@ -1,0 +1,1 @@
+"""What every command shares: one message for an input error, the traceback on request."""
