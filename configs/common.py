@@ -115,6 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.preemption_sync_every = 10  # Multi-host: steps between agreeing on a SIGTERM.
   c.progress_bar = False  # True: a tqdm bar instead of one line per log_every steps.
   c.plots = True  # PNG loss/accuracy curves in the workdir at the end.
+
+  # Patch-size change when fine-tuning (FlexiViT, checkpoints.load_pretrained): how the
+  # init_from embedding kernel is resized when its patch size differs from the model's.
+  # None: a different patch size is an error; 'pinv' (PI-resize) or 'bilinear'.
+  c.patch_resize = config_dict.placeholder(str)
   return c
 
 
