@@ -122,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.allow_config_change = ""
   c.lock_stale_after_s = 600.0  # A lock whose heartbeat is older is taken over.
   c.lock_heartbeat_s = 30.0  # How often a run rewrites its lock's heartbeat.
+  # Patch-size change when fine-tuning (FlexiViT, checkpoints.load_pretrained): how the
+  # init_from embedding kernel is resized when its patch size differs from the model's.
+  # None: a different patch size is an error; 'pinv' (PI-resize) or 'bilinear'.
+  c.patch_resize = config_dict.placeholder(str)
   return c
 
 

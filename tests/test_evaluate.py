@@ -131,9 +131,28 @@ def test_analyze_a_workdir(tmp_path):
   result = analysis.analyse(str(workdir), str(tmp_path / "out"), num_images=3, shots=(1, 5),
                            fewshot_examples=300)
   assert sorted(os.path.basename(p) for p in result["plots"]) == [
-      "attention_distance.png", "attention_maps.png", "posemb_similarity.png"]
+      "attention_distance.png", "attention_maps.png", "embedding_filters.png",
+      "posemb_similarity.png"]
   assert np.asarray(result["attention_distance"]).shape == (2, 2)
   # Random features of digits are still far better than chance (10 %) with 5 shots.
   assert 0.2 < result["fewshot"]["5shot"] <= 1.0
   saved = json.loads((tmp_path / "out" / "analysis.json").read_text())
   assert saved["fewshot"] == result["fewshot"]
+  # Figure 7 (left): the testing model's 4x4x3 kernel has 32 filters, so 28 components
+  # of 48 dimensions; their ratios are the squared singular values of the centred filters.
+  filters = np.asarray(params["embedding"]["kernel"]).reshape(48, -1).T
+  singular = np.linalg.svd(filters - filters.mean(axis=0), compute_uv=False)
+  np.testing.assert_allclose(saved["embedding_filters"]["explained_variance_ratio"],
+                             singular[:28]**2 / np.sum(singular**2), rtol=1e-6)
+
+
+def test_embedding_filters_skip_hybrids(tmp_path):
+  rng = np.random.default_rng(0)
+  plain = {"embedding": {"kernel": rng.normal(size=(2, 2, 3, 8))}}
+  result = analysis.embedding_filters(plain, str(tmp_path / "f.png"))
+  assert len(result["explained_variance_ratio"]) == 8  # min(28, 8 filters, 12 dims).
+  assert os.path.exists(result["plot"])
+  # A hybrid's embedding is a 1x1 conv over ResNet channels: no RGB filters to show.
+  hybrid = {"conv_root": {"kernel": np.zeros((7, 7, 3, 4))},
+            "embedding": {"kernel": rng.normal(size=(1, 1, 16, 8))}}
+  assert analysis.embedding_filters(hybrid, str(tmp_path / "h.png")) is None

@@ -4,8 +4,10 @@
 
 WORKDIR is a trainer workdir (its `config.json` and final `params/`). Writes
 `attention_maps.png`, `attention_distance.png`, `posemb_similarity.png` (learned 1-D
-embeddings only) and `analysis.json` with the numbers, including few-shot linear-probe
-accuracies on frozen pre-logits features, to WORKDIR/analysis (or --out).
+embeddings only), `embedding_filters.png` (principal components of the patch-embedding
+filters, plain ViTs only) and `analysis.json` with the numbers, including few-shot
+linear-probe accuracies on frozen pre-logits features and the filters' explained-variance
+ratios, to WORKDIR/analysis (or --out).
 """
 
 from absl import app, flags
@@ -38,6 +40,10 @@ def main(argv):
     print(f"few-shot {name}: {accuracy}")
   print("mean attention distance per layer (px):",
         " ".join(f"{d:.1f}" for d in np.mean(result["attention_distance"], axis=1)))
+  if "embedding_filters" in result:
+    ratio = result["embedding_filters"]["explained_variance_ratio"]
+    print(f"embedding filters: the first {min(5, len(ratio))} of {len(ratio)} principal "
+          "components explain", " ".join(f"{r:.3f}" for r in ratio[:5]))
   print("plots:", *result["plots"], sep="\n  ")
 
 

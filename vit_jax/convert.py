@@ -1,6 +1,7 @@
 """Convert ViT weights between `.npz`, Orbax, timm and Hugging Face formats.
 
   python -m vit_jax.convert SRC DST [--from FMT] [--to FMT] [--model NAME] [--num-heads N]
+      [--patch-size Q [--image-size N] [--patch-resize pinv|bilinear]]
 
 Formats (FMT), decided from the path unless --from/--to say otherwise:
   npz    a file ending in .npz: Google / big_vision / this project's flat arrays.
@@ -17,6 +18,11 @@ Reading timm or HF files needs the number of attention heads: --model NAME (e.g.
 ViT-B_16) or --num-heads N (an HF directory's config.json gives it). Writing an HF
 directory derives its config.json from the weights (GELU: the reference's tanh form
 unless --exact-gelu; layer_norm_eps 1e-6).
+--patch-size Q moves a plain ViT to patch size Q on the way (FlexiViT): the embedding
+kernel by PI-resize (--patch-resize pinv, the default) or a bilinear resize, the learned
+position-embedding grid resampled for the same image at the new patch. The image size
+is the checkpoint's (its grid times its patch) unless --image-size says otherwise; it
+must be divisible by both patch sizes.
 """
 
 import argparse
@@ -29,6 +35,7 @@ from etils import epath
 
 from vit_jax import checkpoints, models
 from vit_jax.cli import errors as cli_errors
+from vit_jax.models import patch_resize
 
 FORMATS = ("npz", "orbax", "timm", "hf")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -152,8 +159,32 @@ def write(path, fmt: str, params, *, model_config=None, exact_gelu: bool = False
     raise ValueError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
 
 
+def trained_image_size(params) -> int:
+  """The square image size a plain ViT checkpoint was trained at (grid side x patch)."""
+  flat = models.params.flatten(params)
+  patch = flat[patch_resize.EMBEDDING_KEY].shape[0]
+  if patch_resize.POSEMB_KEY not in flat:
+    raise ValueError("The checkpoint has no learned position embeddings to read its image "
+                     "size from; pass --image-size.")
+  tokens = flat[patch_resize.POSEMB_KEY].shape[1] - (models.params.CLS in flat)
+  side = int(round(np.sqrt(tokens)))
+  if side * side != tokens:
+    raise ValueError(f"The position embeddings' {tokens} grid tokens are not a square "
+                     "grid; pass --image-size.")
+  return side * patch
+
+
+def change_patch_size(params, patch_size: int, image_size: Optional[int] = None,
+                      method: str = "pinv") -> dict:
+  """`params` moved to `patch_size` (see the module docstring); ValueError if impossible."""
+  image_size = image_size or trained_image_size(params)
+  return patch_resize.change_patch_size(params, patch_size, image_size, method=method)
+
+
 def convert(src, dst, *, src_format=None, dst_format=None, model: Optional[str] = None,
-            num_heads: Optional[int] = None, exact_gelu: bool = False) -> dict:
+            num_heads: Optional[int] = None, exact_gelu: bool = False,
+            patch_size: Optional[int] = None, image_size: Optional[int] = None,
+            patch_resize_method: str = "pinv") -> dict:
   """Converts `src` to `dst`; returns {'from', 'to', 'arrays', 'parameters'}."""
   model_config = models.get_config(model) if model else None
   src_format = src_format or detect_format(src, output=False)
@@ -162,6 +193,10 @@ def convert(src, dst, *, src_format=None, dst_format=None, model: Optional[str] 
   params = read(src, src_format, num_heads=heads)
   if set(params) == {"params"}:
     params = params["params"]
+  if patch_size:
+    params = change_patch_size(params, patch_size, image_size, patch_resize_method)
+  elif image_size:
+    raise ValueError("--image-size is only used with --patch-size.")
   write(dst, dst_format, params, model_config=model_config, exact_gelu=exact_gelu)
   leaves = models.params.flatten(params).values()
   return {"from": src_format, "to": dst_format, "arrays": len(leaves),
@@ -182,11 +217,18 @@ def main(argv=None) -> int:
                       help="HF config: exact GELU (timm/HF-trained weights) instead of tanh")
   parser.add_argument("--verbosity", type=int, default=0,
                       help="1: print the traceback of an error too")
+  parser.add_argument("--patch-size", type=int, metavar="Q",
+                      help="move a plain ViT to patch size Q (FlexiViT PI-resize)")
+  parser.add_argument("--image-size", type=int, metavar="N",
+                      help="with --patch-size: the image size (default: the checkpoint's)")
+  parser.add_argument("--patch-resize", choices=patch_resize.RESIZE_METHODS, default="pinv",
+                      help="with --patch-size: how the embedding kernel is resized")
   args = parser.parse_args(argv)
   try:
     summary = convert(args.src, args.dst, src_format=args.src_format,
                       dst_format=args.dst_format, model=args.model, num_heads=args.num_heads,
-                      exact_gelu=args.exact_gelu)
+                      exact_gelu=args.exact_gelu, patch_size=args.patch_size,
+                      image_size=args.image_size, patch_resize_method=args.patch_resize)
   except cli_errors.INPUT_ERRORS as e:  # A bad path, format or file: one message.
     cli_errors.report(e, argv)
     return 2

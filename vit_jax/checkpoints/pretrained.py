@@ -1,12 +1,13 @@
 """Fine-tuning loads: a pre-trained checkpoint adapted to a new model.
 
 The head is replaced by the new model's fresh (zero) head, `pre_logits` is dropped when
-the new model has none, position embeddings are resampled to the new patch grid, and
+the new model has none, position embeddings are resampled to the new patch grid, a
+different patch size is bridged by FlexiViT's PI-resize when asked (`patch_resize`), and
 every other mismatch is reported at once.
 """
 
 import fnmatch
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -17,7 +18,10 @@ from vit_jax.checkpoints.errors import CheckpointError
 from vit_jax.checkpoints.npz import load_npz, normalize_npz
 from vit_jax.checkpoints.orbax_io import restore_params
 from vit_jax.models import params as names
+from vit_jax.models import patch_resize as patch_resize_lib
 from vit_jax.models import posemb_resample
+
+EMBEDDING_KERNEL = f"{names.EMBEDDING}/kernel"
 
 
 def read_params(path) -> dict:
@@ -66,6 +70,41 @@ def _adapt_posemb(restored: dict, init_flat: dict, method: str) -> None:
   restored[names.POSEMB] = pe
 
 
+def _adapt_patch_size(restored: dict, init_flat: dict, model_config, method) -> None:
+  """Resizes `restored`'s embedding kernel (in place) to the model's patch size.
+
+  `method` is 'pinv' (FlexiViT's PI-resize) or 'bilinear' (`resize_patch_kernel`, what
+  `change_patch_size` applies to the kernel); the learned position-embedding grid is then
+  resampled once, from the checkpoint's grid straight to the model's, by `_adapt_posemb`.
+  None leaves a different patch size to the mismatch report, as before.
+  """
+  if method is None or EMBEDDING_KERNEL not in restored or EMBEDDING_KERNEL not in init_flat:
+    return
+  old, new_shape = restored[EMBEDDING_KERNEL], _leaf_shape(init_flat[EMBEDDING_KERNEL])
+  if len(new_shape) != 4 or tuple(old.shape) == new_shape or \
+      tuple(old.shape[2:]) != new_shape[2:]:
+    return  # Same patch, or other sizes differ: the mismatch report says so.
+  if method not in patch_resize_lib.RESIZE_METHODS:
+    raise CheckpointError(f"Unknown patch_resize {method!r}; choose one of "
+                          f"{patch_resize_lib.RESIZE_METHODS} or None.")
+  old_patch, new_patch = old.shape[0], new_shape[0]
+  if any(k.startswith("conv_root/") for k in restored):
+    raise CheckpointError("patch_resize is for plain ViTs: a hybrid's embedding patches the "
+                          "ResNet feature map, not the image.")
+  image_size = _field(model_config, "image_size")
+  if image_size and image_size % new_patch:
+    raise CheckpointError(
+        f"Cannot change the patch size {old_patch} -> {new_patch}: the model's image size "
+        f"{image_size} is not divisible by {new_patch}, so the patch grid would not be an "
+        "integer; pick a patch size that divides the image size.")
+  try:
+    restored[EMBEDDING_KERNEL] = patch_resize_lib.resize_patch_kernel(
+        old, new_shape[:2], method)
+  except ValueError as e:
+    raise CheckpointError(f"Cannot resize the embedding kernel {tuple(old.shape)} to "
+                          f"{new_shape}: {e}") from e
+
+
 def _mismatch_report(restored: dict, init_flat: dict, allow: Sequence[str]) -> list[str]:
   allowed = lambda key: any(fnmatch.fnmatchcase(key, pattern) for pattern in allow)
   lines = []
@@ -83,13 +122,23 @@ def _mismatch_report(restored: dict, init_flat: dict, allow: Sequence[str]) -> l
   return lines
 
 
+def _patch_hint(restored: dict, init_flat: dict, patch_resize) -> str:
+  old, new = restored.get(EMBEDDING_KERNEL), init_flat.get(EMBEDDING_KERNEL)
+  if patch_resize is not None or old is None or new is None or \
+      tuple(old.shape[:2]) == _leaf_shape(new)[:2]:
+    return ""
+  return (f"\nThe patch sizes differ ({old.shape[0]} vs {_leaf_shape(new)[0]}): pass "
+          "patch_resize='pinv' (config.patch_resize) to resize the embedding.")
+
+
 def _drop(flat: dict, top_level: str) -> None:
   for key in [k for k in flat if k.startswith(f"{top_level}/")]:
     del flat[key]
 
 
 def load_pretrained(path, init_params, model_config, *, resample: str = "zoom",
-                    allow_mismatch: Sequence[str] = ()) -> dict:
+                    allow_mismatch: Sequence[str] = (),
+                    patch_resize: Optional[str] = None) -> dict:
   """A pre-trained checkpoint adapted to the model `init_params` belongs to.
 
   Args:
@@ -104,6 +153,10 @@ def load_pretrained(path, init_params, model_config, *, resample: str = "zoom",
       reference), 'bilinear' (timm's npz loader), 'bicubic' (HF). Class token kept apart.
     allow_mismatch: fnmatch patterns of keys that may be missing/unexpected/mis-shaped;
       those take the value from init_params.
+    patch_resize: when the checkpoint's patch size p differs from the model's q: 'pinv'
+      (FlexiViT's PI-resize of the embedding kernel, tokens kept exactly when q >= p),
+      'bilinear' (the kernel resized as an image), or None (an error, as any mismatch).
+      Plain ViTs with learned 1-D position embeddings; the grid is resampled too.
   Returns the new params, in init_params' structure (per-layer or scanned).
   Raises CheckpointError listing every missing, unexpected and mis-shaped key.
   """
@@ -115,12 +168,14 @@ def load_pretrained(path, init_params, model_config, *, resample: str = "zoom",
   _drop(restored, names.HEAD)
   if _field(model_config, "representation_size") is None:
     _drop(restored, names.PRE_LOGITS)
+  _adapt_patch_size(restored, init_flat, model_config, patch_resize)
   _adapt_posemb(restored, init_flat, resample)
   problems = _mismatch_report(restored, init_flat, tuple(allow_mismatch) + (f"{names.HEAD}/*",))
   if problems:
     raise CheckpointError(
         f"Checkpoint {path} does not fit the model {_field(model_config, 'name')}:\n"
-        + "\n".join(problems) + "\nCheck that the model config matches the checkpoint "
+        + "\n".join(problems) + _patch_hint(restored, init_flat, patch_resize)
+        + "\nCheck that the model config matches the checkpoint "
         "(size, patch, classifier, representation_size), or pass allow_mismatch=[patterns] "
         "for keys that should keep their fresh initialisation.")
   params = {k: place_like(restored[k], like) if k in restored and

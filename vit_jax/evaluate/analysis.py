@@ -3,8 +3,10 @@
 `analyse(workdir, out)` (the command is `python -m vit_jax.analyze --workdir=WORKDIR`) reads
 a trainer workdir (its `config.json` and final `params/`) and writes
 `attention_maps.png`, `attention_distance.png`, `posemb_similarity.png` (learned 1-D
-embeddings only) and `analysis.json` with the numbers, including few-shot linear-probe
-accuracies on frozen pre-logits features.
+embeddings only), `embedding_filters.png` (Figure 7 left: principal components of the
+patch-embedding filters; not for hybrids, whose embedding sees ResNet channels) and
+`analysis.json` with the numbers, including few-shot linear-probe accuracies on frozen
+pre-logits features and the filters' explained-variance ratios.
 """
 
 import json
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import checkpoints, data, models
-from vit_jax.evaluate import attention, fewshot, plots, posemb
+from vit_jax.evaluate import attention, fewshot, filters, plots, posemb
 from vit_jax.models import params as names
 from vit_jax.training import workdir as workdir_lib
 
@@ -53,6 +55,20 @@ def features(model, params, images, batch_size=256):
                          for i in range(0, len(images), batch_size)])
 
 
+def embedding_filters(params, path, num: int = 28):
+  """Figure 7 (left) for a plain ViT: PNG of the top principal components of the
+  patch-embedding filters, and their explained-variance ratios; None for a hybrid (its
+  embedding kernel filters ResNet channels, not RGB pixels)."""
+  flat = names.flatten(params)
+  kernel = np.asarray(flat[f"{names.EMBEDDING}/kernel"])
+  if any(k.startswith("conv_root/") for k in flat) or kernel.shape[2] != 3:
+    return None
+  num = min(num, kernel.shape[-1], int(np.prod(kernel.shape[:3])))
+  components, ratio = filters.embedding_filter_components(kernel, num)
+  return {"explained_variance_ratio": ratio.tolist(),
+          "plot": filters.plot_embedding_filters(components, path)}
+
+
 def analyse(workdir, out, num_images=6, shots=(1, 5, 10), fewshot_examples=2000) -> dict:
   config, model, params = load_workdir(workdir)
   os.makedirs(out, exist_ok=True)
@@ -72,6 +88,11 @@ def analyse(workdir, out, num_images=6, shots=(1, 5, 10), fewshot_examples=2000)
   if pe is not None:
     result["plots"].append(plots.plot_posemb_similarity(
         posemb.posemb_similarity(pe, grid, prefix), os.path.join(out, "posemb_similarity.png")))
+
+  embedding = embedding_filters(params, os.path.join(out, "embedding_filters.png"))
+  if embedding is not None:
+    result["embedding_filters"] = embedding
+    result["plots"].append(embedding["plot"])
 
   train_images, train_labels = _images_and_labels(config, config.train_split, fewshot_examples)
   train_feats, test_feats = features(model, params, train_images), features(model, params, images)

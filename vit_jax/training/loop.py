@@ -77,7 +77,8 @@ class _Run:
     report.info(f"Initialising from {init_path} (fresh head, position embeddings resampled "
                 f"to the {self.config.model.image_size} px grid if needed).")
     params = checkpoints.load_pretrained(init_path, checkpoints.to_host(state.params),
-                                         self.config.model, resample=self.config.resample_posemb)
+                                         self.config.model, resample=self.config.resample_posemb,
+                                         patch_resize=self.config.patch_resize)
     del state
     return state_lib.create_train_state(self.model, self.tx, self.mesh, rng=rng,
                                         init_params=params, **self.layout)
