@@ -2,9 +2,10 @@
 
 The parameters and optimizer state are float32 `jax.Array`s with the NamedShardings of
 `parallel.shardings` (replicated, FSDP or tensor parallel); the step and RNG replicate.
-With EMA on (`config.ema_decay` > 0) `ema_params` is a float32 copy of the params' tree,
-laid out exactly like the params; with it off it is None, so the state's leaves (and the
-checkpoints written before EMA existed) are the same as without the field.
+With EMA on (`config.ema_decay` > 0) the state is an `EmaTrainState`, whose extra field
+`ema_params` is a float32 copy of the params' tree laid out exactly like the params. With
+it off the state is the plain `TrainState` (its `ema_params` reads None but is no field),
+so its tree, and the checkpoints written before EMA existed, are unchanged.
 """
 
 import functools
@@ -28,7 +29,19 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # Base key; each step folds in its step number.
-  ema_params: Any = None  # EMA of `params` (float32), or None when EMA is off.
+  ema_params = None  # Not a field: EMA is off (see EmaTrainState).
+
+
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+  """A TrainState that also keeps the EMA of its params (float32, sharded like them)."""
+  ema_params: Any = None
+
+
+def _make_state(ema_params=None, **fields) -> TrainState:
+  if ema_params is None:
+    return TrainState(**fields)
+  return EmaTrainState(ema_params=ema_params, **fields)
 
 
 def input_size(config) -> int:
@@ -53,9 +66,9 @@ def _build_state(model, tx, image_size, ema, rng, params=None) -> TrainState:
   if params is None:
     images = jnp.zeros((1, image_size, image_size, model.num_channels), jnp.float32)
     params = model.init({"params": params_rng}, images, train=False)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=state_rng,
-                    ema_params=ema_lib.init_ema(params) if ema else None)
+  return _make_state(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=tx.init(params), rng=state_rng,
+                     ema_params=ema_lib.init_ema(params) if ema else None)
 
 
 def _state_shardings(shapes: TrainState, mesh, fsdp: bool, fsdp_min_size: int) -> TrainState:
@@ -63,8 +76,8 @@ def _state_shardings(shapes: TrainState, mesh, fsdp: bool, fsdp_min_size: int) -
                                          fsdp_min_size=fsdp_min_size)
   rep = replicated(mesh)
   opt_state = shardings_lib.opt_state_shardings(shapes.opt_state, shapes.params, params, mesh)
-  return TrainState(step=rep, params=params, opt_state=opt_state, rng=rep,
-                    ema_params=None if shapes.ema_params is None else params)
+  return _make_state(step=rep, params=params, opt_state=opt_state, rng=rep,
+                     ema_params=None if shapes.ema_params is None else params)
 
 
 def abstract_train_state(model, tx, mesh, *, image_size: int, fsdp: bool = False,
