@@ -67,3 +67,26 @@ def test_folder_recipe(tmp_path):
   assert c.pp.randaugment == (2, 5) and c.mixup_alpha == 0
   with pytest.raises(ValueError, match="image folder"):
     load_config_file("folder_finetune", "")
+
+
+def test_recipe_fields_from_the_command_line():
+  import sys
+  from absl import flags
+  from ml_collections import config_flags
+  from trainer_fixtures import CONFIGS
+  saved = sys.argv
+  sys.argv = ["main", f"--config={CONFIGS}/folder_finetune.py:/photos",
+              "--config.pp.randaugment=(2, 15)", "--config.mixup_alpha=0.2",
+              "--config.ema_decay=0.999", "--config.layer_decay=0.75",
+              "--config.pp.randaugment_ops=('Rotate', 'Invert')"]
+  try:
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", f"{CONFIGS}/default.py", flag_values=fv,
+                                    lock_config=True)
+    fv(sys.argv)
+    c = fv.config
+  finally:
+    sys.argv = saved
+  assert tuple(c.pp.randaugment) == (2, 15) and c.mixup_alpha == 0.2
+  assert (c.ema_decay, c.layer_decay) == (0.999, 0.75)
+  assert tuple(c.pp.randaugment_ops) == ("Rotate", "Invert")
