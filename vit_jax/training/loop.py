@@ -260,9 +260,9 @@ def _prepare(config):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary.
 
-  The summary holds 'step', 'accuracy', 'accuracy_top5', 'eval_loss', 'best_accuracy',
-  'best_step', 'wall_time_s', 'workdir', 'checkpoint_dir', 'params_dir', 'preempted',
-  'plots'.
+  The summary holds 'step', 'accuracy', 'accuracy_top5', 'eval_loss', 'best_accuracy'
+  (the best value of `config.best_metric`, named in 'best_metric'), 'best_step',
+  'wall_time_s', 'workdir', 'checkpoint_dir', 'params_dir', 'preempted', 'plots'.
   """
   start_time = time.perf_counter()
   config = config.copy_and_resolve_references()
