@@ -126,7 +126,55 @@ def get_config() -> ml_collections.ConfigDict:
   # init_from embedding kernel is resized when its patch size differs from the model's.
   # None: a different patch size is an error; 'pinv' (PI-resize) or 'bilinear'.
   c.patch_resize = config_dict.placeholder(str)
+  # Training recipes (RandAugment, Mixup/CutMix, EMA, layer-wise lr decay, evaluators;
+  # see README "Recipes"). Every one is off by default.
+  # RandAugment (vit_jax/data/randaugment.py) after the crop and flip: (num_ops,
+  # magnitude in [0, 30]), e.g. --config.pp.randaugment="(2, 15)"; None = off.
+  c.pp.randaugment = config_dict.placeholder(tuple)
+  c.pp.randaugment_ops = config_dict.placeholder(tuple)  # Op names; None = the 15 default.
+  c.mixup_alpha = 0.0  # Beta(alpha, alpha) Mixup of each batch on the device; 0 = off.
+  c.cutmix_alpha = 0.0  # CutMix likewise; with both on, each mixed batch picks one.
+  c.mix_prob = 1.0  # The chance that a batch is mixed at all.
+  c.mix_switch_prob = 0.5  # Both on: the chance a mixed batch uses CutMix.
+  c.ema_decay = 0.0  # EMA of the parameters (e.g. 0.9999); 0 = off.
+  c.export_ema = False  # With EMA: export the EMA parameters to params/ instead.
+  c.layer_decay = 1.0  # Layer-wise lr decay in (0, 1] (BEiT/MAE fine-tuning); 1 = off.
+  # Extra evaluations during training, as named entries (vit_jax/training/evaluators.py).
+  # A config file adds them, e.g. c.evals.fewshot = common.fewshot_eval("digits", every=250);
+  # the command line then changes their fields: --config.evals.fewshot.every=500.
+  c.evals = ml_collections.ConfigDict()
+  c.best_metric = "accuracy"  # The eval metric (by name) that picks the best checkpoint.
   return c
+
+
+def classification_eval(dataset: str, split: str, every: int = 1000,
+                        data_dir=None) -> ml_collections.ConfigDict:
+  """An evals entry: top-1/top-5 accuracy and loss on `dataset`'s `split`, every N steps.
+
+  The dataset must have the training dataset's classes (e.g. imagenet_v2 for imagenet2012).
+  """
+  return ml_collections.ConfigDict(dict(
+      kind="classification", every=every, dataset=dataset, split=split,
+      data_dir=config_dict.placeholder(str) if data_dir is None else data_dir))
+
+
+def fewshot_eval(datasets, every: int = 1000, shots=(1, 5, 10, 25),
+                 regs=(2.0**-10, 2.0**-5, 1.0, 2.0**5, 2.0**10), seeds=(0, 1, 2),
+                 train_split: str = "train", test_split: str = "test",
+                 data_dir=None) -> ml_collections.ConfigDict:
+  """An evals entry: few-shot linear probes (closed-form ridge) on frozen pre-logits.
+
+  datasets: one name or a comma-separated list ('digits' or 'cifar10,oxford_iiit_pet');
+  for each, `shots` examples per class drawn from `train_split` with each of `seeds`,
+  every ridge strength of `regs` fitted, the best mean accuracy on `test_split` reported.
+  """
+  if not isinstance(datasets, str):
+    datasets = ",".join(datasets)
+  return ml_collections.ConfigDict(dict(
+      kind="fewshot", every=every, datasets=datasets, shots=tuple(shots),
+      regs=tuple(float(r) for r in regs), seeds=tuple(seeds), train_split=train_split,
+      test_split=test_split,
+      data_dir=config_dict.placeholder(str) if data_dir is None else data_dir))
 
 
 def model_size(model_name: str) -> str:

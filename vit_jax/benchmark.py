@@ -1,7 +1,7 @@
 """Speed benchmarks: the model (default), the input pipeline, and GPU numerics.
 
   python -m vit_jax.benchmark --models=ViT-Ti_16,ViT-S_16 --batch=32 --compare=timm
-  python -m vit_jax.benchmark data [--folder ROOT] [--crop 224] [--batch 32]
+  python -m vit_jax.benchmark data [--folder ROOT] [--crop 224] [--batch 32] [--randaugment 2,15]
   python -m vit_jax.benchmark parity      (on a GPU: attention kernels and bf16 vs float32)
 
 Every table starts with the machine it ran on (CPU model, cores, AVX2/AVX-512/AMX).
@@ -104,7 +104,17 @@ def _data_main(argv) -> None:
   parser.add_argument("--batches", type=int, default=30, help="timed batches per run")
   parser.add_argument("--workers", default="0,2", help="comma list of data_workers")
   parser.add_argument("--threads", type=int, default=2, help="grain read threads")
+  parser.add_argument("--randaugment", default=None, metavar="N,M",
+                      help="also time the pipeline with RandAugment (N ops, magnitude M), "
+                      "e.g. 2,15")
   args = parser.parse_args(argv)
+  randaugment = None
+  if args.randaugment:
+    try:
+      num_ops, magnitude = (float(v) for v in args.randaugment.split(","))
+      randaugment = (int(num_ops), magnitude)
+    except ValueError:
+      parser.error(f"--randaugment must be N,M (e.g. 2,15), got {args.randaugment!r}")
   print(machine.describe())
   with tempfile.TemporaryDirectory() as tmp:
     folder = args.folder
@@ -117,15 +127,17 @@ def _data_main(argv) -> None:
     print(f"Load average {os.getloadavg()[0]:.1f}; "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
     for workers in [int(w) for w in args.workers.split(",")]:
-      config = pipeline.pipeline_config(
-          folder, os.path.join(tmp, "tfds"), batch=args.batch, workers=workers,
-          threads=args.threads if workers == 0 else 1, crop=args.crop)
-      rate, cpu_rate = pipeline.measure(config, args.batches)
-      mode = (f"in-process, {args.threads} threads" if workers == 0
-              else f"{workers} worker processes")
-      extra = f" ({cpu_rate:.0f} per CPU-second)" if workers == 0 else ""
-      print(f"train pipeline, {args.crop}px, batch {args.batch}, {mode}: "
-            f"{rate:.0f} images/s{extra}")
+      for ra in [None] + ([randaugment] if randaugment else []):
+        config = pipeline.pipeline_config(
+            folder, os.path.join(tmp, "tfds"), batch=args.batch, workers=workers,
+            threads=args.threads if workers == 0 else 1, crop=args.crop, randaugment=ra)
+        rate, cpu_rate = pipeline.measure(config, args.batches)
+        mode = (f"in-process, {args.threads} threads" if workers == 0
+                else f"{workers} worker processes")
+        extra = f" ({cpu_rate:.0f} per CPU-second)" if workers == 0 else ""
+        aug = f", RandAugment{ra}" if ra else ""
+        print(f"train pipeline, {args.crop}px, batch {args.batch}{aug}, {mode}: "
+              f"{rate:.0f} images/s{extra}")
 
 
 def main(argv=None) -> None:

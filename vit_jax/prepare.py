@@ -1,6 +1,7 @@
 """Prepare a dataset as ArrayRecord files for training.
 
   python -m vit_jax.prepare NAME|FOLDER --data_dir DIR [--manual_dir DIR] [--overwrite]
+                           [--skip_corrupt]
 
 NAME is 'digits' (embedded, no download) or a tfds dataset name ('cifar10',
 'oxford_iiit_pet', 'imagenet2012' with --manual_dir, ...): it is downloaded
@@ -8,6 +9,10 @@ NAME is 'digits' (embedded, no download) or a tfds dataset name ('cifar10',
 FOLDER is an image folder ROOT/{train,test}/<class>/*.{jpg,png,...}: its files
 are copied (still encoded) into ArrayRecord; training on FOLDER then reads the
 prepared copy from data_dir. tfds shows progress bars while writing.
+Every image is decoded once while preparing; all undecodable files are reported
+together (with their paths) and nothing is trained on, unless --skip_corrupt: then
+a folder's bad files are left out, and a tfds dataset's are counted (train it with
+--config.pp.skip_corrupt=True).
 """
 
 import argparse
@@ -29,11 +34,15 @@ def main(argv=None) -> int:
                       help="folder with manually downloaded files (e.g. imagenet2012)")
   parser.add_argument("--overwrite", action="store_true",
                       help="re-generate even if already prepared")
+  parser.add_argument("--skip_corrupt", action="store_true",
+                      help="leave out (folders) or count (tfds) undecodable images "
+                      "instead of stopping with the list of them")
   parser.add_argument("--verbosity", type=int, default=0,
                       help="1: print the traceback of an error too")
   args = parser.parse_args(argv)
   try:
-    path = prepare(args.name, args.data_dir, args.manual_dir, args.overwrite)
+    path = prepare(args.name, args.data_dir, args.manual_dir, args.overwrite,
+                   args.skip_corrupt)
   except (DataError,) + cli_errors.INPUT_ERRORS as e:
     cli_errors.report(e, argv)
     return 2

@@ -9,6 +9,8 @@ Train order: epoch e uses the permutation of all N examples drawn from
 examples each, so every process yields the same number of batches). The
 augmentation randomness of an example is drawn from (seed, epoch, global
 index), so results do not depend on workers, threads or process count.
+RandAugment (`config.pp.randaugment = (N, M)`) runs after the crop and flip on
+the same per-example generator, so it shares that property and resumes exactly.
 """
 
 import collections
@@ -21,6 +23,7 @@ import grain
 import numpy as np
 
 from vit_jax.data import images as images_lib
+from vit_jax.data import randaugment as randaugment_lib
 from vit_jax.data import sources
 from vit_jax.data.errors import CorruptImageError
 
@@ -115,11 +118,35 @@ class _Decode:
       return None, rec
 
 
+def randaugment_from_config(config):
+  """`config.pp.randaugment` (N, M) as a RandAugment, or None when unset.
+
+  `config.pp.randaugment_ops` picks the op list (None: randaugment.DEFAULT_OPS).
+  Raises ValueError naming the field for a malformed value, an op count below 0, a
+  magnitude outside [0, 30] or an unknown op name.
+  """
+  value = config.pp.randaugment
+  if value is None:
+    return None
+  if isinstance(value, str) or len(tuple(value)) != 2:
+    raise ValueError(f'config.pp.randaugment must be (num_ops, magnitude), e.g. (2, 15), '
+                     f'or None; got {value!r}.')
+  num_ops, magnitude = tuple(value)
+  ops = config.pp.randaugment_ops
+  try:
+    return randaugment_lib.RandAugment(num_ops, magnitude,
+                                       None if ops is None else tuple(ops))
+  except ValueError as e:
+    raise ValueError(f'config.pp.randaugment={tuple(value)!r}, config.pp.randaugment_ops='
+                     f'{ops!r}: {e}') from None
+
+
 class _TrainMap(_Decode):
 
-  def __init__(self, source, crop, skip_corrupt, seed, area_range, flip):
+  def __init__(self, source, crop, skip_corrupt, seed, area_range, flip, randaugment=None):
     super().__init__(source, crop, skip_corrupt)
     self.seed, self.area_range, self.flip = _seed_words(seed), tuple(area_range), flip
+    self.randaugment = randaugment
 
   def __call__(self, element):
     epoch, g = element
@@ -136,6 +163,8 @@ class _TrainMap(_Decode):
       tries += 1
     rng = np.random.default_rng((self.seed, epoch, g, 1))
     img = images_lib.train_transform(img, rng, self.crop, self.area_range, self.flip)
+    if self.randaugment is not None:
+      img = self.randaugment(img, rng)
     return {'image': img, 'label': np.int32(rec['label'])}
 
 
@@ -249,14 +278,18 @@ def make_train_iterator(config, *, seed: int, process_index=None, process_count=
   source = ds_spec.source(split)
   n = len(source)
   crop = int(config.pp.crop)
+  randaugment = randaugment_from_config(config)
   transform = _TrainMap(source, crop, bool(config.pp.skip_corrupt), seed,
-                        config.pp.area_range, bool(config.pp.flip))
+                        config.pp.area_range, bool(config.pp.flip), randaugment)
   ds = grain.MapDataset.source(_TrainOrder(n, seed, pi, pc)).map(transform)
   ds, workers = _finish(ds, config, local_batch, drop_remainder=True)
   identity = {'kind': 'train', 'dataset': ds_spec.name, 'split': split,
               'num_examples': n, 'seed': int(seed), 'process_index': pi,
               'process_count': pc, 'local_batch': local_batch, 'crop': crop,
               'data_workers': workers}
+  if randaugment is not None:  # Only when set, so earlier checkpoints still resume.
+    identity['randaugment'] = [randaugment.num_ops, randaugment.magnitude,
+                               list(randaugment.ops)]
   return DataIterator(ds, identity, transform)
 
 

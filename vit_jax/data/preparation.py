@@ -3,23 +3,116 @@
 `prepare(name, data_dir)` writes a tfds dataset ('digits' is embedded; others are
 downloaded or read from manual_dir) or an image folder with file_format=array_record;
 `python -m vit_jax.prepare` is the command (its help lists the accepted names).
+
+Every image is decoded once while preparing (with the decoder training uses), so that an
+undecodable file is found now rather than hours into training: all of them are reported
+in one `UndecodableImagesError` naming each path. With `skip_corrupt=True` an image
+folder's undecodable files are left out of the prepared copy; a tfds dataset's records
+cannot be removed from tfds's files, so they are counted and training on it needs
+`config.pp.skip_corrupt=True` (which skips them as before). The check runs when the data
+is written (first time or `overwrite`); a tfds result is remembered in
+`DECODE_CHECK_FILE` next to the prepared files, so a rerun reports it again.
 """
 
 import contextlib
 import importlib.util
+import json
 import os
 
 import numpy as np
 
 from vit_jax.data import digits as digits_lib
 from vit_jax.data import folder as folder_lib
+from vit_jax.data import images as images_lib
 from vit_jax.data import sources
+from vit_jax.data.errors import CorruptImageError
+from vit_jax.data.errors import DataError
 from vit_jax.data.errors import UnknownDatasetError
+
+DECODE_CHECK_FILE = 'vit_jax_decode_check.json'
+_LISTED = 200  # Paths listed in one message at most (all are counted).
+
+
+class UndecodableImagesError(DataError, ValueError):
+  """Images that cannot be decoded were found while preparing; `paths` lists all."""
+
+  def __init__(self, paths, total, what, how_to_skip):
+    self.paths = list(paths)
+    shown = '\n  '.join(self.paths[:_LISTED])
+    more = f'\n  ... and {len(self.paths) - _LISTED} more' if len(self.paths) > _LISTED else ''
+    super().__init__(f'{len(self.paths)} of {total} images in {what} cannot be decoded:\n  '
+                     f'{shown}{more}\nRemove or replace them, or {how_to_skip}')
+
+
+def undecodable(records) -> list[str]:
+  """The paths of the (path, encoded bytes) records that `decode_image` cannot decode."""
+  bad = []
+  for path, data in records:
+    try:
+      images_lib.decode_image(data, path)
+    except CorruptImageError:
+      bad.append(path)
+  return bad
+
+
+def _folder_records(items):
+  for path, _ in items:
+    with open(path, 'rb') as f:
+      yield path, f.read()
+
+
+def _check_folder(builder, skip_corrupt: bool) -> int:
+  """Decodes every file of the folder; drops the bad ones if skip_corrupt (count returned)."""
+  examples = builder._examples  # pylint: disable=protected-access
+  total = sum(len(items) for items in examples.values())
+  bad = [p for items in examples.values() for p in undecodable(_folder_records(items))]
+  if bad and not skip_corrupt:
+    raise UndecodableImagesError(
+        bad, total, f'image folder {builder._root}',  # pylint: disable=protected-access
+        'pass --skip_corrupt to leave them out of the prepared copy.')
+  bad_set = set(bad)
+  for split, items in examples.items():
+    examples[split] = [(p, label) for p, label in items if p not in bad_set]
+    if not examples[split]:
+      raise UndecodableImagesError(bad, total, f'split {split!r}',
+                                   'add readable images to it.')
+  return len(bad)
+
+
+def _check_tfds(builder, name: str, skip_corrupt: bool, fresh: bool) -> int:
+  """Decodes every prepared record (or reads the remembered result); count returned."""
+  marker = os.path.join(str(builder.data_dir), DECODE_CHECK_FILE)
+  if not fresh and os.path.exists(marker):
+    with open(marker, encoding='utf-8') as f:
+      remembered = json.load(f)
+    bad, total = remembered['undecodable'], remembered['total']
+  elif not fresh:
+    return 0  # Prepared before the check existed: not decoded again unless --overwrite.
+  else:
+    bad, total = [], 0
+    for split in builder.info.splits:
+      source = sources.TfdsSource(builder, split)
+      total += len(source)
+      bad += undecodable((rec['path'], rec['image'])
+                         for rec in (source[i] for i in range(len(source))))
+    with open(marker, 'w', encoding='utf-8') as f:
+      json.dump({'undecodable': bad, 'total': total}, f)
+  if bad and not skip_corrupt:
+    raise UndecodableImagesError(
+        bad, total, f'the prepared tfds dataset {name!r} ({builder.data_dir})',
+        'rerun with --overwrite after fixing the source files, or pass --skip_corrupt to '
+        'keep them and train with --config.pp.skip_corrupt=True.')
+  return len(bad)
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None,
-            overwrite: bool = False) -> str:
-  """Prepares `name` (tfds name or folder) in data_dir; returns its directory."""
+            overwrite: bool = False, skip_corrupt: bool = False) -> str:
+  """Prepares `name` (tfds name or folder) in data_dir; returns its directory.
+
+  Every image is decoded once (see the module doc); undecodable ones raise
+  UndecodableImagesError listing them all, unless `skip_corrupt` (then their number is
+  printed).
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = os.path.expanduser(data_dir or sources.default_data_dir())
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
@@ -42,8 +135,17 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
           'https://www.tensorflow.org/datasets/catalog/overview for names, or '
           'pass the path of an image folder.') from e
   lock = os.path.join(data_dir, f'.{builder.name}.lock')
+  is_folder = isinstance(builder, folder_lib.ImageFolderArrayRecord)
   with digits_lib.file_lock(lock), numpy_image_encoding_without_tf():
+    fresh = overwrite or not builder.is_prepared()
+    skipped = _check_folder(builder, skip_corrupt) if is_folder and fresh else 0
     builder.download_and_prepare(download_config=config)
+    if not is_folder:
+      skipped = _check_tfds(builder, name, skip_corrupt, fresh)
+  if skipped:
+    what = ('left out of the prepared copy' if is_folder else
+            'kept in the prepared files; train with --config.pp.skip_corrupt=True')
+    print(f'Skipped {skipped} undecodable image(s) ({what}).', flush=True)
   return str(builder.data_dir)
 
 

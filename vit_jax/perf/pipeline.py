@@ -63,11 +63,13 @@ def measure(config, batches, warmup=3, repeats=3):
 
 
 def pipeline_config(folder: str, data_dir: str, *, batch: int, workers: int, threads: int,
-                    crop: int):
-  """The default training config reading `folder` with the given pipeline settings."""
+                    crop: int, randaugment=None):
+  """The default training config reading `folder` with the given pipeline settings
+  (`randaugment`: (num_ops, magnitude) or None)."""
   from configs import common  # pylint: disable=g-import-not-at-top
   config = common.get_config()
   config.update(dict(dataset=folder, data_dir=data_dir, batch_size=batch,
                      data_workers=workers, data_threads=threads))
   config.pp.crop = crop
+  config.pp.randaugment = randaugment
   return config

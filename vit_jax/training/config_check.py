@@ -23,6 +23,7 @@ import jax
 from vit_jax import models
 from vit_jax import storage
 from vit_jax.parallel import mesh as mesh_lib
+from vit_jax.training import evaluators
 from vit_jax.training import objectives
 from vit_jax.training import optim
 
@@ -154,6 +155,25 @@ def _batches(config, mesh) -> list[str]:
   return lines
 
 
+def _recipes(config) -> list[str]:
+  """RandAugment, EMA, layer decay and the config.evals entries (issue 14)."""
+  from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top (grain)
+  lines = []
+  try:
+    pipeline.randaugment_from_config(config)
+  except ValueError as e:
+    lines.append(str(e))
+  if not 0.0 <= float(config.ema_decay) < 1.0:
+    lines.append(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 = off; e.g. "
+                 "0.9999).")
+  if config.export_ema and not float(config.ema_decay) > 0:
+    lines.append("config.export_ema=True needs config.ema_decay > 0.")
+  if float(config.layer_decay) != 1.0 and config.objective != "classification":
+    lines.append(f"config.layer_decay={config.layer_decay} is for fine-tuning a classifier; "
+                 f"config.objective={config.objective!r} needs 1.0.")
+  return lines + evaluators.problems(config)
+
+
 def problems(config, mesh=None) -> list[str]:
   """Every problem of `config` (with `mesh`, also the batch layout), one line each."""
   lines = _ranges(config) + _model_name(config) + _patch_grid(config)
@@ -164,6 +184,7 @@ def problems(config, mesh=None) -> list[str]:
     lines += objectives.get(config).problems(config)
   except ValueError as e:
     lines.append(str(e))
+  lines += _recipes(config)
   if mesh is not None:
     lines += _batches(config, mesh)
   return lines

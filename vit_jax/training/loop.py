@@ -30,6 +30,7 @@ from vit_jax import storage
 from vit_jax.training import config_check
 from vit_jax.training import config_history
 from vit_jax.training import lock as lock_lib
+from vit_jax.training import evaluators as evaluators_lib
 from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax.training import reporting
@@ -98,20 +99,8 @@ class _Run:
 
 def evaluate(run: _Run, eval_step, params) -> dict:
   """Top-1 / top-5 accuracy and mean loss over the whole eval split (padding masked)."""
-  iterator = data.make_eval_iterator(run.config)
-  totals = None
-  try:
-    for batch in run.prefetch(iterator):
-      sums = eval_step(params, batch)
-      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  finally:
-    iterator.close()
-  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-  count = max(totals["count"], 1.0)
-  return {"accuracy": totals["correct"] / count,
-          "accuracy_top5": totals["correct_top5"] / count,
-          "loss": totals["loss_sum"] / count,
-          "num_examples": int(totals["count"])}
+  return evaluators_lib.classification_metrics(run.config, run.config.eval_split,
+                                               run.prefetch, eval_step, params)
 
 
 class _MetricsBuffer:
@@ -170,16 +159,27 @@ class _Loop:
     self.batches = run.prefetch(train_iter)
     self.buffer = _MetricsBuffer()
     self.eval_metrics = None
-    self.best = _best_so_far(workdir, resume_step or 0)  # (accuracy, step)
+    self.evaluators = evaluators_lib.make_evaluators(run, self.eval_step, shardings, report)
+    self.best_metric = run.config.best_metric
+    self.best = _best_so_far(workdir, resume_step or 0, self.best_metric)  # (value, step)
     self.last_saved = resume_step
     self.preempted = False
 
-  def evaluate(self):
-    self.eval_metrics = evaluate(self.run_parts, self.eval_step, self.state.params)
-    self.report.eval(self.step, self.eval_metrics, split=self.config.eval_split)
-    if self.best[0] is None or self.eval_metrics["accuracy"] > self.best[0]:
-      self.best = (self.eval_metrics["accuracy"], self.step)
+  def evaluate(self, last=True):
+    """Runs the evaluators due at this step (all when `last`); returns their metrics."""
+    metrics = {}
+    for evaluator in self.evaluators:
+      if evaluator.due(self.step, last):
+        result = evaluator.run(self.state)
+        self.report.eval(self.step, result, split=evaluator.label)
+        metrics.update(result)
+    self.eval_metrics = {**(self.eval_metrics or {}), **metrics}
+    value = metrics.get(self.best_metric)
+    if value is not None and (self.best[0] is None or _better(value, self.best[0],
+                                                              self.best_metric)):
+      self.best = (value, self.step)
     self.report.pause_clock(self.step)
+    return metrics
 
   def save(self, metrics=None, force=False):
     if self.last_saved != self.step:
@@ -191,17 +191,16 @@ class _Loop:
     """Logging, evaluation and checkpointing that fall due at this step."""
     c, step, last = self.config, self.step, self.step == self.total
     due_log = step % c.log_every == 0 or last
-    due_eval = (c.eval_every and step % c.eval_every == 0) or last
+    due_eval = any(e.due(step, last) for e in self.evaluators)
     due_ckpt = step % c.checkpoint_every == 0 or last
     if due_log or due_eval or due_ckpt:
       self.buffer.check()  # Never evaluate or checkpoint a diverged state.
     if due_log:
       self.report.train(step, self.buffer.mean_and_reset())
-    if due_eval:
-      self.evaluate()
+    metrics = self.evaluate(last) if due_eval else {}
     if due_ckpt:
       # {} rather than None: Orbax warns on every save without metrics.
-      self.save(metrics=self.eval_metrics if due_eval else {}, force=last)
+      self.save(metrics=metrics, force=last)
 
   def run(self):
     """Trains to total_steps, or until SIGTERM (then saves); waits for the last save."""
@@ -235,14 +234,21 @@ class _Loop:
       watcher.restore()
 
 
-def _best_so_far(workdir, up_to_step) -> tuple:
-  """(best eval accuracy, its step) logged by earlier runs in `workdir` up to a step."""
+def _better(value, best, metric) -> bool:
+  if evaluators_lib.best_mode(metric) == "min":
+    return value < best
+  return value > best
+
+
+def _best_so_far(workdir, up_to_step, metric="accuracy") -> tuple:
+  """(best value of `metric`, its step) logged by earlier runs in `workdir` up to a step."""
   evals = [r for r in reporting.read_metrics(workdir)
-           if r.get("kind") == "eval" and r["step"] <= up_to_step and "accuracy" in r]
+           if r.get("kind") == "eval" and r["step"] <= up_to_step and metric in r]
   if not evals or jax.process_index() != 0:
     return (None, None)
-  best = max(evals, key=lambda r: r["accuracy"])
-  return (best["accuracy"], best["step"])
+  sign = -1.0 if evaluators_lib.best_mode(metric) == "min" else 1.0
+  best = max(evals, key=lambda r: sign * r[metric])
+  return (best[metric], best["step"])
 
 
 def _for_this_process(data_state):
@@ -324,11 +330,12 @@ class _Say:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary.
 
-  The summary holds 'step', 'accuracy', 'accuracy_top5', 'eval_loss', 'best_accuracy',
-  'best_step', 'wall_time_s', 'workdir', 'checkpoint_dir', 'params_dir', 'preempted',
-  'plots'. Raises ConfigError / ConfigChangeError / data.DataError / WorkdirLockedError
-  before anything is written, PreemptedError for a SIGTERM during start-up,
-  CheckpointError when no checkpoint of the workdir restores.
+  The summary holds 'step', 'accuracy', 'accuracy_top5', 'eval_loss', 'best_accuracy'
+  (the best value of `config.best_metric`, named in 'best_metric'), 'best_step',
+  'wall_time_s', 'workdir', 'checkpoint_dir', 'params_dir', 'preempted', 'plots'.
+  Raises ConfigError / ConfigChangeError / data.DataError / WorkdirLockedError before
+  anything is written, PreemptedError for a SIGTERM during start-up, CheckpointError when
+  no checkpoint of the workdir restores.
   """
   start_time = time.perf_counter()
   config = config.copy_and_resolve_references()
@@ -353,7 +360,8 @@ def _locked_run(config, workdir, checked, say, start_time) -> dict:
   _stop_if_preempted("building the model")
   ckpt = checkpoints.TrainCheckpointer(
       workdir_lib.file(workdir, workdir_lib.CHECKPOINT_DIR),
-      max_to_keep=config.keep_checkpoints, keep_best=True, best_metric="accuracy",
+      max_to_keep=config.keep_checkpoints, keep_best=True, best_metric=config.best_metric,
+      best_mode=evaluators_lib.best_mode(config.best_metric),
       async_save=config.async_checkpoint)
   train_iter = data.make_train_iterator(config, seed=config.seed)
   report = None
@@ -395,15 +403,18 @@ def _finish(run, loop, workdir, report, ckpt, wall_time_s) -> dict:
   params_dir, plots = None, []
   if not loop.preempted:
     params_dir = workdir_lib.file(workdir, workdir_lib.PARAMS_DIR)
-    checkpoints.save_params(params_dir, run.objective.exported_params(loop.state.params),
-                            force=True)
+    exported = loop.state.params
+    if run.config.export_ema and loop.state.ema_params is not None:
+      exported = loop.state.ema_params
+    checkpoints.save_params(params_dir, run.objective.exported_params(exported), force=True)
     if run.config.plots:
       plots = report.plot()
   metrics = loop.eval_metrics or {}
   summary = {
       "step": loop.step, "accuracy": metrics.get("accuracy"),
       "accuracy_top5": metrics.get("accuracy_top5"), "eval_loss": metrics.get("loss"),
-      "best_accuracy": loop.best[0], "best_step": loop.best[1], "wall_time_s": wall_time_s,
+      "best_accuracy": loop.best[0], "best_step": loop.best[1],
+      "best_metric": loop.best_metric, "wall_time_s": wall_time_s,
       "workdir": workdir, "checkpoint_dir": str(ckpt.directory), "params_dir": params_dir,
       "preempted": loop.preempted, "plots": plots,
   }
@@ -419,9 +430,11 @@ def _print_summary(report, summary, total):
     return
   lines = [f"Done: {summary['step']} steps in {reporting.format_duration(summary['wall_time_s'])}."]
   if summary["accuracy"] is not None:
+    best = ("" if summary["best_accuracy"] is None else
+            f"; best {summary['best_metric']} {summary['best_accuracy']:.4f} at step "
+            f"{summary['best_step']}")
     lines.append(f"  final accuracy {summary['accuracy']:.4f} (top-5 "
-                 f"{summary['accuracy_top5']:.4f}, loss {summary['eval_loss']:.4f}); best "
-                 f"{summary['best_accuracy']:.4f} at step {summary['best_step']}")
+                 f"{summary['accuracy_top5']:.4f}, loss {summary['eval_loss']:.4f}){best}")
   lines.append(f"  checkpoints: {summary['checkpoint_dir']}")
   lines.append(f"  final parameters: {summary['params_dir']} "
                "(use as --config.init_from to fine-tune)")

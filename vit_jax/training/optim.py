@@ -15,12 +15,21 @@ Weight decay:
     rarely wanted.
   - sgd: classic L2 (weight_decay * w added to the gradient before momentum), on the same
     kernel-only mask. The reference fine-tuning uses 0.
+
+Layer-wise lr decay (`config.layer_decay` < 1, BEiT/MAE fine-tuning): the final update of
+each parameter is multiplied by decay^(L + 1 - depth) (training/layer_decay.py: block i of
+L gets decay^(L - i), the embeddings decay^(L + 1), the head 1), which scales its lr and
+its decoupled weight decay together. The multipliers are built from the update tree when
+the step is traced (its paths and shapes are the params'), so the optimizer needs no
+parameter shapes up front; a scanned model's stacked blocks get a per-layer array, and
+under FSDP the constant multipliers broadcast against the sharded updates.
 """
 
 import jax
 import optax
 
 from vit_jax.models import params as names
+from vit_jax.training import layer_decay as layer_decay_lib
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "linear")
@@ -76,13 +85,36 @@ def _base_optimizer(config, schedule) -> optax.GradientTransformation:
   raise ValueError(f"Unknown config.optimizer {name!r}; choose one of {OPTIMIZERS}.")
 
 
+def scale_by_layer_decay(decay: float, num_layers: int) -> optax.GradientTransformation:
+  """Stateless: each update leaf times its layer-decay multiplier (see the module doc).
+
+  The multipliers come from `layer_decay.layer_decay_multipliers` on the updates' own
+  tree at trace time (constants in the compiled step).
+  """
+  decay = layer_decay_lib.check_layer_decay(decay)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    multipliers = layer_decay_lib.layer_decay_multipliers(updates, decay, num_layers)
+    return layer_decay_lib.scale_by_layer_decay(multipliers).update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Gradient clipping (if `grad_clip_norm`) followed by SGD-momentum or AdamW.
+  """Gradient clipping (if `grad_clip_norm`), SGD-momentum or AdamW, then layer decay.
 
   Reads config.optimizer, config.lr (via the schedule), config.momentum, config.b1,
-  config.b2, config.weight_decay, config.grad_clip_norm.
+  config.b2, config.weight_decay, config.grad_clip_norm, config.layer_decay (1 = off, and
+  then the optimizer and its state are exactly as without it) and config.model.num_layers.
   """
   base = _base_optimizer(config, make_schedule(config))
+  decay = layer_decay_lib.check_layer_decay(config.layer_decay)
+  if decay != 1.0:
+    base = optax.chain(base, scale_by_layer_decay(decay, int(config.model.num_layers)))
   clip = config.grad_clip_norm
   if clip:
     if clip < 0:

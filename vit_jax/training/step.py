@@ -14,6 +14,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax.parallel.mesh import batch_axes, batch_sharding, check_batch_divisible, replicated
+from vit_jax.training import ema as ema_lib
 
 
 def _microbatches(x, accum: int, mesh):
@@ -53,7 +54,8 @@ def _accumulate(loss_and_grads, params, batch, rng, accum: int, mesh):
 
 
 def make_train_step(*, batch_loss: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, accum_steps: int, mesh, state_shardings):
+                    schedule: optax.Schedule, accum_steps: int, mesh, state_shardings,
+                    ema_decay: float = 0.0):
   """A jitted `step_fn(state, batch) -> (state, metrics)`; the input state is donated.
 
   batch_loss: `(params, batch, rng) -> (mean loss, metrics dict)`, from an objective.
@@ -62,7 +64,13 @@ def make_train_step(*, batch_loss: Callable, tx: optax.GradientTransformation,
   (used by this step) and 'grad_norm' (global norm before clipping).
   With accum_steps > 1 the batch is processed in that many equal micro-batches and their
   gradients averaged, which equals one step on the whole batch.
+  With `state.ema_params` set, ema_decay in (0, 1) updates them from the new params:
+  ema <- ema_decay * ema + (1 - ema_decay) * params (training/ema.py).
   """
+  use_ema = state_shardings.ema_params is not None
+  if use_ema and not 0.0 < float(ema_decay) < 1.0:
+    raise ValueError(f"The state keeps an EMA, so config.ema_decay must be in (0, 1), got "
+                     f"{ema_decay}.")
   loss_and_grads = _loss_and_grads_fn(batch_loss, state_shardings.params)
 
   def step(state, batch):
@@ -77,6 +85,9 @@ def make_train_step(*, batch_loss: Callable, tx: optax.GradientTransformation,
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
+    if use_ema:
+      new_state = new_state.replace(
+          ema_params=ema_lib.ema_update(state.ema_params, new_state.params, ema_decay))
     metrics = {"loss": loss, **extra,
                "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
                "grad_norm": optax.tree.norm(grads)}

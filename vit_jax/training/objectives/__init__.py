@@ -23,11 +23,11 @@ def get(config) -> Objective:
 
 
 def make_train_step(objective: Objective, config, model, mesh, state_shardings):
-  """`step.make_train_step` with the objective's loss and the config's optimizer."""
+  """`step.make_train_step` with the objective's loss, the config's optimizer and EMA."""
   return step.make_train_step(
       batch_loss=objective.batch_loss(config, model), tx=optim.make_optimizer(config),
       schedule=optim.make_schedule(config), accum_steps=int(config.accum_steps), mesh=mesh,
-      state_shardings=state_shardings)
+      state_shardings=state_shardings, ema_decay=float(config.ema_decay))
 
 
 def make_eval_step(objective: Objective, config, model, mesh, state_shardings):
