@@ -21,13 +21,14 @@ newest checkpoint that restores is loaded (damaged newer ones are moved aside).
 import time
 
 import jax
-import numpy as np
 
 from vit_jax import checkpoints
 from vit_jax import data
 from vit_jax.parallel import mesh as mesh_lib
 from vit_jax import storage
 from vit_jax.training import config_check
+from vit_jax.training import divergence
+from vit_jax.training.divergence import TrainingDivergedError
 from vit_jax.training import config_history
 from vit_jax.training import lock as lock_lib
 from vit_jax.training import evaluators as evaluators_lib
@@ -43,10 +44,6 @@ from vit_jax.training.preemption import PreemptionWatcher
 # EX_TEMPFAIL of sysexits.h, "try again later". launch/tpu.py restarts on it and
 # launch/slurm.sh requeues the job; any other non-zero status is a failure.
 PREEMPTED_EXIT_CODE = 75
-
-
-class TrainingDivergedError(RuntimeError):
-  """The loss (or gradient norm) became NaN or infinite."""
 
 
 class PreemptedError(RuntimeError):
@@ -103,48 +100,6 @@ def evaluate(run: _Run, eval_step, params) -> dict:
                                                run.prefetch, eval_step, params)
 
 
-class _MetricsBuffer:
-  """Training metrics kept on the device until a log/check point, then checked for NaN."""
-
-  def __init__(self):
-    self._pending = []  # (step, device metrics)
-    self._host = []  # host metrics since the last report
-
-  def add(self, step, metrics):
-    self._pending.append((step, metrics))
-
-  def check(self):
-    """Fetches pending metrics; raises TrainingDivergedError at the first non-finite step."""
-    fetched = jax.device_get(self._pending)
-    self._pending = []
-    for step, metrics in fetched:
-      bad = {k: float(v) for k, v in metrics.items()
-             if k in ("loss", "grad_norm") and not np.isfinite(v)}
-      if bad:
-        raise TrainingDivergedError(step, bad, float(metrics["learning_rate"]))
-      self._host.append({k: float(v) for k, v in metrics.items()})
-
-  def mean_and_reset(self) -> dict:
-    keys = self._host[0].keys() if self._host else ()
-    mean = {k: float(np.mean([m[k] for m in self._host])) for k in keys}
-    # The learning rate of the last step, not the mean over the interval.
-    if self._host and "learning_rate" in self._host[-1]:
-      mean["learning_rate"] = self._host[-1]["learning_rate"]
-    self._host = []
-    return mean
-
-
-def _diverged_error(err: TrainingDivergedError, ckpt) -> TrainingDivergedError:
-  step, bad, lr = err.args
-  last = ckpt.latest_step()
-  kept = (f"The last good checkpoint is step {last} in {ckpt.directory}; rerunning resumes "
-          "from it." if last is not None else "No checkpoint was saved before it.")
-  values = ", ".join(f"{k}={v}" for k, v in bad.items())
-  return TrainingDivergedError(
-      f"Training diverged at step {step}: {values} (learning rate {lr:.3g}). Stopped. {kept} "
-      "Lower config.lr, raise config.warmup_steps or keep config.grad_clip_norm on.")
-
-
 class _Loop:
   """One run's moving parts; `run()` trains from the current step to total_steps."""
 
@@ -157,7 +112,7 @@ class _Loop:
     self.step = int(jax.device_get(state.step))
     self.train_step, self.eval_step = run.steps(shardings)
     self.batches = run.prefetch(train_iter)
-    self.buffer = _MetricsBuffer()
+    self.buffer = divergence.MetricsBuffer()
     self.eval_metrics = None
     self.evaluators = evaluators_lib.make_evaluators(run, self.eval_step, shardings, report)
     self.best_metric = run.config.best_metric
@@ -229,7 +184,7 @@ class _Loop:
       self.ckpt.wait()
     except TrainingDivergedError as e:
       self.ckpt.wait()
-      raise _diverged_error(e, self.ckpt) from None
+      raise divergence.diverged_error(e, self.ckpt) from None
     finally:
       watcher.restore()
 
@@ -418,29 +373,5 @@ def _finish(run, loop, workdir, report, ckpt, wall_time_s) -> dict:
       "workdir": workdir, "checkpoint_dir": str(ckpt.directory), "params_dir": params_dir,
       "preempted": loop.preempted, "plots": plots,
   }
-  _print_summary(report, summary, run.config.total_steps)
+  reporting.print_summary(report, summary, run.config.total_steps)
   return summary
-
-
-def _print_summary(report, summary, total):
-  if summary["preempted"]:
-    report.info(f"Stopped at step {summary['step']}/{total} after "
-                f"{reporting.format_duration(summary['wall_time_s'])}; checkpoint in "
-                f"{summary['checkpoint_dir']}. Rerun the same command to resume.")
-    return
-  lines = [f"Done: {summary['step']} steps in {reporting.format_duration(summary['wall_time_s'])}."]
-  if summary["accuracy"] is not None:
-    best = ("" if summary["best_accuracy"] is None else
-            f"; best {summary['best_metric']} {summary['best_accuracy']:.4f} at step "
-            f"{summary['best_step']}")
-    lines.append(f"  final accuracy {summary['accuracy']:.4f} (top-5 "
-                 f"{summary['accuracy_top5']:.4f}, loss {summary['eval_loss']:.4f}){best}")
-  lines.append(f"  checkpoints: {summary['checkpoint_dir']}")
-  lines.append(f"  final parameters: {summary['params_dir']} "
-               "(use as --config.init_from to fine-tune)")
-  workdir = summary["workdir"]
-  lines.append(f"  metrics: {workdir_lib.file(workdir, workdir_lib.METRICS_FILE)}, "
-               f"TensorBoard: {workdir_lib.file(workdir, workdir_lib.TENSORBOARD_DIR)}")
-  if summary["plots"]:
-    lines.append(f"  plots: {', '.join(summary['plots'])}")
-  report.info("\n".join(lines))

@@ -193,3 +193,28 @@ def plot_curves(workdir: str) -> list[str]:
       written.append(path)
     plt.close(fig)
   return written
+
+
+def print_summary(report, summary: dict, total: int) -> None:
+  """The closing lines of a run (finished or preempted) from its summary dict."""
+  if summary["preempted"]:
+    report.info(f"Stopped at step {summary['step']}/{total} after "
+                f"{format_duration(summary['wall_time_s'])}; checkpoint in "
+                f"{summary['checkpoint_dir']}. Rerun the same command to resume.")
+    return
+  lines = [f"Done: {summary['step']} steps in {format_duration(summary['wall_time_s'])}."]
+  if summary["accuracy"] is not None:
+    best = ("" if summary["best_accuracy"] is None else
+            f"; best {summary['best_metric']} {summary['best_accuracy']:.4f} at step "
+            f"{summary['best_step']}")
+    lines.append(f"  final accuracy {summary['accuracy']:.4f} (top-5 "
+                 f"{summary['accuracy_top5']:.4f}, loss {summary['eval_loss']:.4f}){best}")
+  lines.append(f"  checkpoints: {summary['checkpoint_dir']}")
+  lines.append(f"  final parameters: {summary['params_dir']} "
+               "(use as --config.init_from to fine-tune)")
+  workdir = summary["workdir"]
+  lines.append(f"  metrics: {workdir_lib.file(workdir, workdir_lib.METRICS_FILE)}, "
+               f"TensorBoard: {workdir_lib.file(workdir, workdir_lib.TENSORBOARD_DIR)}")
+  if summary["plots"]:
+    lines.append(f"  plots: {', '.join(summary['plots'])}")
+  report.info("\n".join(lines))
