@@ -115,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.preemption_sync_every = 10  # Multi-host: steps between agreeing on a SIGTERM.
   c.progress_bar = False  # True: a tqdm bar instead of one line per log_every steps.
   c.plots = True  # PNG loss/accuracy curves in the workdir at the end.
+
+  # Published weights (vit_jax/checkpoints/published.py): where init_from names such as
+  # 'i21k:ViT-B_16' or 'augreg:B_16' are looked up.
+  c.pretrained_root = "gs://vit_models"
   return c
 
 

@@ -17,6 +17,8 @@ Reading timm or HF files needs the number of attention heads: --model NAME (e.g.
 ViT-B_16) or --num-heads N (an HF directory's config.json gives it). Writing an HF
 directory derives its config.json from the weights (GELU: the reference's tanh form
 unless --exact-gelu; layer_norm_eps 1e-6).
+SRC and DST may be local or gs:// paths (read and written through etils.epath / Orbax);
+a gs:// location that cannot be reached fails at once, naming it.
 """
 
 import argparse
@@ -25,9 +27,8 @@ import sys
 from typing import Optional
 
 import numpy as np
-from etils import epath
 
-from vit_jax import checkpoints, models
+from vit_jax import checkpoints, models, storage
 
 FORMATS = ("npz", "orbax", "timm", "hf")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -35,7 +36,7 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 def detect_format(path, *, output: bool) -> str:
   """The format a path names (see the module docstring); ValueError when it cannot tell."""
-  path = epath.Path(path)
+  path = storage.as_path(path)
   suffix = path.suffix.lower()
   if suffix == ".npz":
     return "npz"
@@ -64,7 +65,7 @@ def _torch_file_format(path) -> str:
 
 
 def _read_state_dict(path) -> dict:
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if path.suffix == ".safetensors":
     import safetensors.numpy
     return safetensors.numpy.load(path.read_bytes())
@@ -78,7 +79,7 @@ def _read_state_dict(path) -> dict:
 
 
 def _write_state_dict(path, state: dict) -> None:
-  path = epath.Path(path)
+  path = storage.as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   if path.suffix == ".safetensors":
     import safetensors.numpy
@@ -92,7 +93,7 @@ def _write_state_dict(path, state: dict) -> None:
 def read(path, fmt: str, *, num_heads: Optional[int] = None) -> dict:
   """Params (nested numpy dict, our per-layer layout) from `path` in format `fmt`."""
   from vit_jax.interop import hf, timm
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if fmt in ("npz", "orbax"):
     return checkpoints.read_params(path)
   if fmt == "hf" and path.is_dir():
@@ -131,7 +132,7 @@ def infer_config(params, base=None):
 def write(path, fmt: str, params, *, model_config=None, exact_gelu: bool = False) -> None:
   """Writes params to `path` in format `fmt`."""
   from vit_jax.interop import hf, timm
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if fmt == "npz":
     checkpoints.save_npz(path, params)
   elif fmt == "orbax":
@@ -145,7 +146,7 @@ def write(path, fmt: str, params, *, model_config=None, exact_gelu: bool = False
     config.approximate_gelu = not exact_gelu
     num_classes = params["head"]["kernel"].shape[1] if "head" in params else None
     path.mkdir(parents=True, exist_ok=True)
-    hf.hf_config(config, num_classes).to_json_file(str(path / "config.json"))
+    (path / "config.json").write_text(hf.hf_config(config, num_classes).to_json_string())
     _write_state_dict(path / "model.safetensors", hf.to_hf(params))
   else:
     raise ValueError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
@@ -154,6 +155,8 @@ def write(path, fmt: str, params, *, model_config=None, exact_gelu: bool = False
 def convert(src, dst, *, src_format=None, dst_format=None, model: Optional[str] = None,
             num_heads: Optional[int] = None, exact_gelu: bool = False) -> dict:
   """Converts `src` to `dst`; returns {'from', 'to', 'arrays', 'parameters'}."""
+  storage.check_reachable(src, "SRC")
+  storage.check_reachable(dst, "DST")
   model_config = models.get_config(model) if model else None
   src_format = src_format or detect_format(src, output=False)
   dst_format = dst_format or detect_format(dst, output=True)
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
     summary = convert(args.src, args.dst, src_format=args.src_format,
                       dst_format=args.dst_format, model=args.model, num_heads=args.num_heads,
                       exact_gelu=args.exact_gelu)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"{args.src} ({summary['from']}) -> {args.dst} ({summary['to']}): "

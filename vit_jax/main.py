@@ -133,11 +133,13 @@ def main(argv) -> int:
   from vit_jax.training import loop  # pylint: disable=g-import-not-at-top
   spec = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(spec)
-  print(f"Config {spec}, workdir {os.path.abspath(workdir)}", flush=True)
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
   try:
+    print(f"Config {spec}, workdir {os.fspath(storage.as_path(workdir))}", flush=True)
     distributed.initialize_distributed(config)
     loop.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError, data.DataError, loop.TrainingDivergedError) as e:
+  except (ValueError, FileNotFoundError, data.DataError, loop.TrainingDivergedError,
+          storage.StorageError) as e:
     # Bad input or a diverged run: the message says what to do, a traceback would not.
     print(f"Error: {e}", file=sys.stderr, flush=True)
     return 1

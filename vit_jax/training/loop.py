@@ -17,6 +17,8 @@ import numpy as np
 
 from vit_jax import checkpoints
 from vit_jax import data
+from vit_jax import storage
+from vit_jax.data import sources as data_sources
 from vit_jax.parallel import mesh as mesh_lib
 from vit_jax.training import config_check
 from vit_jax.training import objectives
@@ -243,12 +245,19 @@ def _prepare(config):
   mesh = config_check.make_mesh(config)
   config_check.check_config(config, mesh)
   init_path = (None if workdir_lib.is_from_scratch(config.init_from)
-               else workdir_lib.resolve_init_from(config.init_from))
+               else workdir_lib.resolve_init_from(config.init_from, config.pretrained_root))
   objective = objectives.get(config)
   info = data.get_info(config)
   num_classes = config.num_classes or info.num_classes
   model = objective.create_model(config, num_classes)
   return _Run(config, mesh, objective, model), init_path, info, num_classes
+
+
+def _check_storage(config, workdir) -> None:
+  """Fails within seconds, naming the path, if a gs:// workdir or data_dir cannot be used
+  (init_from is probed where it is resolved), before Orbax or tensorstore touch it."""
+  storage.check_reachable(workdir, "workdir")
+  storage.check_dataset_dir(data_sources.data_dir_of(config))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -262,6 +271,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config = config.copy_and_resolve_references()
   if workdir_lib.is_from_scratch(config.init_from):
     config.init_from = None
+  _check_storage(config, workdir)
   run, init_path, info, num_classes = _prepare(config)
   workdir = workdir_lib.resolve(workdir)
   ckpt = checkpoints.TrainCheckpointer(
