@@ -144,6 +144,9 @@ def get_config() -> ml_collections.ConfigDict:
   # the command line then changes their fields: --config.evals.fewshot.every=500.
   c.evals = ml_collections.ConfigDict()
   c.best_metric = "accuracy"  # The eval metric (by name) that picks the best checkpoint.
+  # Published weights (vit_jax/checkpoints/published.py): where init_from names such as
+  # 'i21k:ViT-B_16' or 'augreg:B_16' are looked up.
+  c.pretrained_root = "gs://vit_models"
   return c
 
 

@@ -107,11 +107,44 @@ def _quiet(server):
   httpd.handle_error = handle_error
 
 
+def _send_generation_headers():
+  """Media downloads answer with x-goog-generation, as GCS does.
+
+  tensorstore takes an object's generation from that header; without it every
+  read gets a zero generation, and the conditional write or read that OCDBT
+  (Orbax's array store) makes on a manifest it updates fails with 'Malformed
+  StorageGeneration' (a train state's second batch of arrays, for example).
+  """
+  from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  plain = objects.download
+  if getattr(plain, 'sends_generation', False):
+    return
+
+  def download(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params['bucket_name'],
+                                 request.params['object_id'])
+      response['x-goog-generation'] = str(obj['generation'])
+      response['x-goog-metageneration'] = str(obj.get('metageneration', '1'))
+    except Exception:  # pylint: disable=broad-except
+      pass  # Not found: the plain handler answers 404.
+    return plain(request, response, storage, *args, **kwargs)
+
+  download.sends_generation = True
+  objects.download = download  # objects.get (alt=media) calls it by this name.
+  for _, methods in server.HANDLERS:
+    for method, handler in list(methods.items()):
+      if handler is plain:
+        methods[method] = download
+
+
 @pytest.fixture(scope='session')
 def gcs_server():
   """The emulator, started once per test session on a free port."""
   pytest.importorskip('gcsfs')
   emulator = pytest.importorskip('gcp_storage_emulator.server')
+  _send_generation_headers()
   port = free_port()
   server = emulator.create_server('127.0.0.1', port, in_memory=True)
   server.start()

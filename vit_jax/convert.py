@@ -23,6 +23,8 @@ kernel by PI-resize (--patch-resize pinv, the default) or a bilinear resize, the
 position-embedding grid resampled for the same image at the new patch. The image size
 is the checkpoint's (its grid times its patch) unless --image-size says otherwise; it
 must be divisible by both patch sizes.
+SRC and DST may be local or gs:// paths (read and written through etils.epath / Orbax);
+a gs:// location that cannot be reached fails at once, naming it.
 """
 
 import argparse
@@ -31,9 +33,8 @@ import sys
 from typing import Optional
 
 import numpy as np
-from etils import epath
 
-from vit_jax import checkpoints, models
+from vit_jax import checkpoints, models, storage
 from vit_jax.cli import errors as cli_errors
 from vit_jax.models import patch_resize
 
@@ -43,7 +44,7 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 def detect_format(path, *, output: bool) -> str:
   """The format a path names (see the module docstring); ValueError when it cannot tell."""
-  path = epath.Path(path)
+  path = storage.as_path(path)
   suffix = path.suffix.lower()
   if suffix == ".npz":
     return "npz"
@@ -72,7 +73,7 @@ def _torch_file_format(path) -> str:
 
 
 def _read_state_dict(path) -> dict:
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if path.suffix == ".safetensors":
     import safetensors.numpy
     return safetensors.numpy.load(path.read_bytes())
@@ -86,7 +87,7 @@ def _read_state_dict(path) -> dict:
 
 
 def _write_state_dict(path, state: dict) -> None:
-  path = epath.Path(path)
+  path = storage.as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   if path.suffix == ".safetensors":
     import safetensors.numpy
@@ -100,7 +101,7 @@ def _write_state_dict(path, state: dict) -> None:
 def read(path, fmt: str, *, num_heads: Optional[int] = None) -> dict:
   """Params (nested numpy dict, our per-layer layout) from `path` in format `fmt`."""
   from vit_jax.interop import hf, timm
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if fmt in ("npz", "orbax"):
     return checkpoints.read_params(path)
   if fmt == "hf" and path.is_dir():
@@ -139,7 +140,7 @@ def infer_config(params, base=None):
 def write(path, fmt: str, params, *, model_config=None, exact_gelu: bool = False) -> None:
   """Writes params to `path` in format `fmt`."""
   from vit_jax.interop import hf, timm
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if fmt == "npz":
     checkpoints.save_npz(path, params)
   elif fmt == "orbax":
@@ -153,7 +154,7 @@ def write(path, fmt: str, params, *, model_config=None, exact_gelu: bool = False
     config.approximate_gelu = not exact_gelu
     num_classes = params["head"]["kernel"].shape[1] if "head" in params else None
     path.mkdir(parents=True, exist_ok=True)
-    hf.hf_config(config, num_classes).to_json_file(str(path / "config.json"))
+    (path / "config.json").write_text(hf.hf_config(config, num_classes).to_json_string())
     _write_state_dict(path / "model.safetensors", hf.to_hf(params))
   else:
     raise ValueError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
@@ -186,6 +187,8 @@ def convert(src, dst, *, src_format=None, dst_format=None, model: Optional[str] 
             patch_size: Optional[int] = None, image_size: Optional[int] = None,
             patch_resize_method: str = "pinv") -> dict:
   """Converts `src` to `dst`; returns {'from', 'to', 'arrays', 'parameters'}."""
+  storage.check_reachable(src, "SRC")
+  storage.check_reachable(dst, "DST")
   model_config = models.get_config(model) if model else None
   src_format = src_format or detect_format(src, output=False)
   dst_format = dst_format or detect_format(dst, output=True)

@@ -145,8 +145,9 @@ def main(argv) -> int:
   config = _CONFIG.value
   spec = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(spec)
-  print(f"Config {spec}, workdir {os.path.abspath(workdir)}", flush=True)
+  from vit_jax import storage  # pylint: disable=g-import-not-at-top
   try:
+    print(f"Config {spec}, workdir {os.fspath(storage.as_path(workdir))}", flush=True)
     from vit_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     from vit_jax.training import loop  # pylint: disable=g-import-not-at-top
     distributed.initialize_distributed(config)

@@ -5,6 +5,7 @@ Keys are '/'-joined tree paths, e.g.
 """
 
 import io
+import os
 import re
 import zipfile
 
@@ -131,7 +132,9 @@ def save_npz(path, params) -> None:
   """Writes params (per-layer or scanned, optionally under 'params') in the reference layout.
 
   Every process must call it (sharded arrays are gathered); process 0 writes. The file
-  appears complete or not at all (written under a temporary name, then renamed).
+  appears complete or not at all: on local disk it is written under a temporary name,
+  then renamed; on object storage (gs://) one upload is already all-or-nothing, and a
+  rename would be a copy and a delete.
   """
   if set(params) == {"params"}:
     params = params["params"]
@@ -143,6 +146,9 @@ def save_npz(path, params) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **flat)
   path = epath.Path(path)
+  if "://" in os.fspath(path):
+    path.write_bytes(buffer.getvalue())
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.parent / f".{path.name}.partial"
   partial.write_bytes(buffer.getvalue())

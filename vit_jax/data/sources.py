@@ -145,6 +145,10 @@ def resolve(config) -> ResolvedDataset:
   name = config.dataset
   data_dir = data_dir_of(config)
   if name == 'digits':
+    if '://' in data_dir:
+      raise DatasetNotPreparedError(
+          f'data_dir {data_dir}: the digits dataset is prepared on first use on local '
+          'disk (under a file lock); set config.data_dir to a local directory.')
     return _tfds_resolved(digits_lib.digits_builder(data_dir))
   if is_folder_spec(name):
     root = os.path.abspath(os.path.expanduser(name))

@@ -6,24 +6,30 @@ a trainer workdir (its `config.json` and final `params/`) and writes
 embeddings only), `embedding_filters.png` (Figure 7 left: principal components of the
 patch-embedding filters; not for hybrids, whose embedding sees ResNet channels) and
 `analysis.json` with the numbers, including few-shot linear-probe accuracies on frozen
-pre-logits features and the filters' explained-variance ratios.
+pre-logits features and the filters' explained-variance ratios. The workdir and `out` may be gs:// paths
+(read and written through etils.epath; the PNGs are drawn locally, then uploaded).
 """
 
+import contextlib
 import json
 import os
+import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import checkpoints, data, models
+from vit_jax import checkpoints, data, models, storage
+from vit_jax.data import sources as data_sources
 from vit_jax.evaluate import attention, fewshot, filters, plots, posemb
 from vit_jax.models import params as names
 from vit_jax.training import workdir as workdir_lib
 
 
-def load_workdir(workdir: str):
-  """(config, model, params) of a finished trainer workdir."""
+def load_workdir(workdir):
+  """(config, model, params) of a finished trainer workdir (local or gs://)."""
+  storage.check_reachable(workdir, "workdir")
   config = workdir_lib.read_config(workdir)
   params = checkpoints.read_params(workdir_lib.file(workdir, workdir_lib.PARAMS_DIR))
   num_classes = params[names.HEAD]["bias"].shape[0]
@@ -67,11 +73,34 @@ def embedding_filters(params, path, num: int = 28):
   components, ratio = filters.embedding_filter_components(kernel, num)
   return {"explained_variance_ratio": ratio.tolist(),
           "plot": filters.plot_embedding_filters(components, path)}
+@contextlib.contextmanager
+def _local_dir_for(out):
+  """A local directory whose files end up in `out`: `out` itself when it is local, else
+  a temporary directory copied to `out` (e.g. gs://) at the end."""
+  target = storage.check_reachable(out, "analysis output")
+  if not storage.is_remote(target):
+    target.mkdir(parents=True, exist_ok=True)
+    yield os.fspath(target)
+    return
+  with tempfile.TemporaryDirectory(prefix="vit_jax_analysis_") as local:
+    yield local
+    for f in sorted(pathlib.Path(local).iterdir()):
+      (target / f.name).write_bytes(f.read_bytes())
 
 
 def analyse(workdir, out, num_images=6, shots=(1, 5, 10), fewshot_examples=2000) -> dict:
   config, model, params = load_workdir(workdir)
-  os.makedirs(out, exist_ok=True)
+  storage.check_dataset_dir(data_sources.data_dir_of(config))
+  with _local_dir_for(out) as local:
+    result = _analyse(config, model, params, local, num_images, shots, fewshot_examples)
+  out_path = storage.as_path(out)
+  result["plots"] = [os.fspath(out_path / os.path.basename(p)) for p in result["plots"]]
+  (out_path / "analysis.json").write_text(json.dumps(result, indent=2))
+  return result
+
+
+def _analyse(config, model, params, out, num_images, shots, fewshot_examples) -> dict:
+  """The numbers and plots (PNGs written to the local directory `out`)."""
   images, labels = _images_and_labels(config, config.eval_split, fewshot_examples)
   grid = (images.shape[1] // model.total_stride, images.shape[2] // model.total_stride)
   prefix = 1 if model.classifier in ("token", "token_unpooled") else 0
@@ -104,6 +133,4 @@ def analyse(workdir, out, num_images=6, shots=(1, 5, 10), fewshot_examples=2000)
           train_feats, train_labels, test_feats, labels, shots=int(n), num_classes=num_classes)
     except ValueError as e:  # Too few examples of some class for this many shots.
       result["fewshot"][f"{n}shot"] = str(e)
-  with open(os.path.join(out, "analysis.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
   return result

@@ -42,7 +42,7 @@ _CREDENTIALS_HINT = (
     'GOOGLE_APPLICATION_CREDENTIALS to a service-account key file')
 
 
-class StorageError(RuntimeError):
+class StorageError(OSError):
   """A path cannot be used: unreachable, missing bucket, bad name, no access."""
 
 

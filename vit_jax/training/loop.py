@@ -24,6 +24,8 @@ import jax
 
 from vit_jax import checkpoints
 from vit_jax import data
+from vit_jax import storage
+from vit_jax.data import sources as data_sources
 from vit_jax.parallel import mesh as mesh_lib
 from vit_jax import storage
 from vit_jax.training import config_check
@@ -249,7 +251,7 @@ def _check(config, workdir):
                       config_check.workdir_problems(workdir))
   mesh = config_check.make_mesh(config)
   init_path = (None if workdir_lib.is_from_scratch(config.init_from)
-               else workdir_lib.resolve_init_from(config.init_from))
+               else workdir_lib.resolve_init_from(config.init_from, config.pretrained_root))
   info = data.get_info(config)
   warnings = config_check.check_start(config, workdir, mesh, info)
   changes = {}
@@ -282,6 +284,13 @@ class _Say:
     self(text)
 
 
+def _check_storage(config, workdir) -> None:
+  """Fails within seconds, naming the path, if a gs:// workdir or data_dir cannot be used
+  (init_from is probed where it is resolved), before Orbax or tensorstore touch it."""
+  storage.check_reachable(workdir, "workdir")
+  storage.check_dataset_dir(data_sources.data_dir_of(config))
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary.
 
@@ -296,6 +305,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config = config.copy_and_resolve_references()
   if workdir_lib.is_from_scratch(config.init_from):
     config.init_from = None
+  _check_storage(config, workdir)
   workdir = workdir_lib.resolve(workdir)
   checked = _check(config, workdir)
   _stop_if_preempted("checks")

@@ -4,15 +4,26 @@
 writes every metric to `metrics.jsonl` and TensorBoard event files, saves the resolved
 config as `config.json` / `config.yaml`, and draws `loss.png` / `accuracy.png` at the end.
 Only the first process writes; the others stay silent.
+
+The workdir may be a gs:// bucket (through etils.epath). Objects there cannot be appended
+to, so `metrics.jsonl` is then rewritten whole on every record from the records kept in
+memory (a few hundred short lines for a whole run), and the TensorBoard event files are
+written to a local temporary directory and uploaded to WORKDIR/tensorboard after every
+flush and at close (`_EventUploader`).
 """
 
 import datetime
+import io
 import json
 import math
 import os
+import pathlib
+import shutil
 import sys
+import tempfile
 import time
 
+from vit_jax import storage
 from vit_jax.training import workdir as workdir_lib
 
 
@@ -23,25 +34,66 @@ def format_duration(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of `metrics.jsonl` in `workdir`, in order ([] if there is none)."""
-  path = workdir_lib.file(workdir, workdir_lib.METRICS_FILE)
-  if not os.path.exists(path):
+def _read_records(path) -> list[dict]:
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
-  """Drops records after `last_step`: a resumed run logs those steps again."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
-  kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-  if len(kept) != len(lines):
-    with open(path, "w", encoding="utf-8") as f:
-      f.writelines(kept)
+def read_metrics(workdir) -> list[dict]:
+  """The records of `metrics.jsonl` in `workdir`, in order ([] if there is none)."""
+  return _read_records(workdir_lib.path(workdir, workdir_lib.METRICS_FILE))
+
+
+def _lines(records) -> str:
+  return "".join(json.dumps(r) + "\n" for r in records)
+
+
+class _MetricsLog:
+  """metrics.jsonl: appended to on local disk; on object storage, which has no appends,
+  rewritten whole from the records kept in memory.
+
+  Records after `last_step` are dropped at the start: a resumed run logs those steps again.
+  """
+
+  def __init__(self, path, last_step: int):
+    self._path, self._remote = path, storage.is_remote(path)
+    records = _read_records(path)
+    kept = [r for r in records if r.get("step", 0) <= last_step]
+    if len(kept) != len(records):
+      path.write_text(_lines(kept))
+    self._records = kept if self._remote else None
+
+  def append(self, record: dict) -> None:
+    if self._remote:
+      self._records.append(record)
+      self._path.write_text(_lines(self._records))
+    else:
+      with self._path.open("a") as f:
+        f.write(_lines([record]))
+
+
+class _EventUploader:
+  """TensorBoard events for a remote directory: tensorboardX writes them to a local
+  temporary directory; `upload()` copies every file that changed since the last call."""
+
+  def __init__(self, remote_dir):
+    self.remote_dir = remote_dir
+    self.local_dir = tempfile.mkdtemp(prefix="vit_jax_tensorboard_")
+    self._sizes = {}
+
+  def upload(self) -> None:
+    for local in sorted(pathlib.Path(self.local_dir).rglob("*")):
+      size = local.stat().st_size if local.is_file() else None
+      if size is None or self._sizes.get(local) == size:
+        continue
+      (self.remote_dir / local.relative_to(self.local_dir).as_posix()).write_bytes(
+          local.read_bytes())
+      self._sizes[local] = size
+
+  def close(self) -> None:
+    self.upload()
+    shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
 def _fmt(value) -> str:
@@ -64,23 +116,27 @@ class Reporter:
     stream: where progress goes (default stdout).
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, start_step: int = 0,
+  def __init__(self, workdir, *, total_steps: int, batch_size: int, start_step: int = 0,
                is_main: bool = True, progress_bar: bool = False, stream=None):
     self.workdir = workdir
     self.total_steps, self.batch_size = int(total_steps), int(batch_size)
     self.is_main = is_main
     self._stream = stream or sys.stdout
     self._last = (int(start_step), time.perf_counter())
-    self._writer = self._bar = None
+    self._writer = self._bar = self._uploader = None
     if not is_main:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._metrics_path = workdir_lib.file(workdir, workdir_lib.METRICS_FILE)
-    _truncate_metrics(self._metrics_path, start_step)
+    if not storage.is_remote(workdir):
+      workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
+    self._metrics = _MetricsLog(workdir_lib.path(workdir, workdir_lib.METRICS_FILE),
+                                start_step)
+    events_dir = workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR)
+    self._uploader = _EventUploader(events_dir) if storage.is_remote(workdir) else None
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # purge_step hides events a preempted run wrote after its last checkpoint.
-    self._writer = SummaryWriter(workdir_lib.file(workdir, workdir_lib.TENSORBOARD_DIR),
-                                 purge_step=start_step + 1 if start_step else None)
+    self._writer = SummaryWriter(
+        self._uploader.local_dir if self._uploader else os.fspath(events_dir),
+        purge_step=start_step + 1 if start_step else None)
     if progress_bar:
       import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=self.total_steps, initial=start_step, unit="step",
@@ -104,11 +160,12 @@ class Reporter:
   def _record(self, kind: str, step: int, metrics: dict) -> None:
     record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
     record.update({k: float(v) for k, v in metrics.items()})
-    with open(self._metrics_path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    self._metrics.append(record)
     for k, v in metrics.items():
       self._writer.add_scalar(f"{kind}/{k}", float(v), int(step))
     self._writer.flush()
+    if self._uploader is not None:
+      self._uploader.upload()
 
   def train(self, step: int, metrics: dict) -> dict:
     """Reports training metrics (averaged since the last call) at `step`.
@@ -158,9 +215,13 @@ class Reporter:
       self._bar.close()
     if self._writer is not None:
       self._writer.close()
+      self._writer = None
+    if self._uploader is not None:
+      self._uploader.close()
+      self._uploader = None
 
 
-def plot_curves(workdir: str) -> list[str]:
+def plot_curves(workdir) -> list[str]:
   """loss.png (train and eval loss) and accuracy.png (eval top-1/top-5) from metrics.jsonl."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -187,10 +248,11 @@ def plot_curves(workdir: str) -> list[str]:
       ax.set_ylabel(ylabel)
       ax.grid(alpha=0.3)
       ax.legend()
-      path = workdir_lib.file(workdir, filename)
       fig.tight_layout()
-      fig.savefig(path, dpi=100)
-      written.append(path)
+      png = io.BytesIO()
+      fig.savefig(png, format="png", dpi=100)
+      workdir_lib.path(workdir, filename).write_bytes(png.getvalue())
+      written.append(workdir_lib.file(workdir, filename))
     plt.close(fig)
   return written
 
