@@ -27,7 +27,6 @@ from vit_jax import data
 from vit_jax import storage
 from vit_jax.data import sources as data_sources
 from vit_jax.parallel import mesh as mesh_lib
-from vit_jax import storage
 from vit_jax.training import config_check
 from vit_jax.training import divergence
 from vit_jax.training.divergence import TrainingDivergedError
