@@ -215,7 +215,7 @@ def _sums_over(iterator, prefetch, eval_step, params) -> dict:
   return {k: float(v) for k, v in jax.device_get(totals).items()}
 
 
-def classification_metrics(config, split, prefetch, eval_step, params) -> dict:
+def split_metrics(config, split, prefetch, eval_step, params) -> dict:
   """Top-1 / top-5 accuracy and mean loss over a whole split (padding masked)."""
   totals = _sums_over(data.make_eval_iterator(config, split=split), prefetch, eval_step,
                       params)
@@ -230,7 +230,7 @@ def _classification(name, every, config, split, prefetch, eval_step, prefix_keys
   def run(state):
     out = {}
     for prefix, params in _param_sets(state).items():
-      metrics = classification_metrics(config, split, prefetch, eval_step, params)
+      metrics = split_metrics(config, split, prefetch, eval_step, params)
       if prefix:
         metrics.pop("num_examples")
       key_prefix = f"{name}/{prefix}" if prefix_keys else prefix
