@@ -51,9 +51,9 @@ def _start(server, workdir, cache_dir, flags=None, extra=()):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc) -> str:
+def _finish(proc, returncode: int = 0) -> str:
   out, _ = proc.communicate(timeout=TIMEOUT)
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == returncode, out[-3000:]
   return out
 
 
@@ -128,7 +128,7 @@ def test_sigterm_then_rerun_resumes_from_the_bucket_bit_identically(
     if line.startswith("step  4/"):
       break
   proc.send_signal(signal.SIGTERM)
-  out = "".join(seen) + _finish(proc)
+  out = "".join(seen) + _finish(proc, returncode=loop.PREEMPTED_EXIT_CODE)
   assert "Preemption (SIGTERM): saving a checkpoint at step" in out, out[-2000:]
   stopped = int(out.split("saving a checkpoint at step ")[1].split(" ")[0])
   assert 4 <= stopped < TOTAL_STEPS
@@ -185,11 +185,11 @@ def test_fine_tuning_starts_from_an_augreg_name(gcs, reference, tmp_path):
   root = _write_augreg_bucket(gcs, params)
   config = tiny_config(init_from="augreg:Ti_4", pretrained_root=root, total_steps=1,
                        warmup_steps=1, eval_every=0, checkpoint_every=1, batch_size=32,
-                       num_classes=7)
+                       num_classes=12)
   summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
   tuned = checkpoints.restore_params(summary["params_dir"])
   _assert_identical(tuned, params, skip=["head"])
-  assert tuned["head"]["kernel"].shape == (32, 7) and not tuned["head"]["kernel"].any()
+  assert tuned["head"]["kernel"].shape == (32, 12) and not tuned["head"]["kernel"].any()
 
 
 def test_published_names_resolve_to_bucket_files_and_unknown_ones_list_known(gcs):
