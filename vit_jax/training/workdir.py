@@ -20,7 +20,6 @@ from etils import epath
 import ml_collections
 
 from vit_jax import storage
-from vit_jax.checkpoints import published
 
 CONFIG_JSON = "config.json"
 CONFIG_YAML = "config.yaml"
@@ -58,15 +57,22 @@ def is_from_scratch(init_from) -> bool:
   return init_from in (None, "", "None", "none")
 
 
+def _published():
+  """checkpoints.published, imported on use: reading a workdir's files (vit_jax.load of an
+  exported artifact, say) must not load the checkpoint and model code."""
+  from vit_jax.checkpoints import published  # pylint: disable=g-import-not-at-top
+  return published
+
+
 def _not_found_message(init_from, resolved) -> str:
+  published = _published()
   return (f"config.init_from={init_from!r} does not exist ({resolved}). Give a .npz "
           "checkpoint, an Orbax params directory or the workdir of an earlier run (local "
           "or gs://), or a published name (" + published.EXAMPLES + "); or unset it "
           "(--config.init_from=None) to train from scratch.")
 
 
-def resolve_init_from(init_from: str, pretrained_root: str = published.DEFAULT_ROOT
-                      ) -> str:
+def resolve_init_from(init_from: str, pretrained_root: str | None = None) -> str:
   """The .npz file or Orbax params directory that `config.init_from` names.
 
   `init_from` is a local or gs:// path, or a published name such as 'i21k:ViT-B_16'
@@ -75,6 +81,8 @@ def resolve_init_from(init_from: str, pretrained_root: str = published.DEFAULT_R
   or, if it has not finished, for the parameters of its latest checkpoint. A gs:// path
   is probed first (storage.check_reachable), so a wrong bucket fails at once.
   """
+  published = _published()
+  pretrained_root = pretrained_root or published.DEFAULT_ROOT
   text = os.fspath(init_from)
   local_exists = not storage.is_remote(text) and storage.as_path(text).exists()
   if published.is_name(text) and not local_exists:
