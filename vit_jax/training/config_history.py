@@ -20,6 +20,7 @@ import json
 import time
 
 from vit_jax import storage
+from vit_jax.models import params as names
 from vit_jax.training import workdir as workdir_lib
 
 HISTORY_FILE = "config_history.jsonl"
@@ -34,18 +35,6 @@ IGNORED = ("distributed.", "allow_config_change", "data_workers", "data_threads"
 
 class ConfigChangeError(ValueError):
   """A resumed run changes fields fixed by its checkpoint."""
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-  """{'model.hidden_size': 64, ...} from nested dicts (JSON values: tuples are lists)."""
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
 
 
 def as_json(config) -> dict:
@@ -69,7 +58,7 @@ def compare(saved: dict, config) -> tuple[dict, dict]:
 
   `saved`: the JSON of config.json; a field it lacks (an older version) is not compared.
   """
-  old, new = flatten(saved), flatten(as_json(config))
+  old, new = names.flatten(saved, sep="."), names.flatten(as_json(config), sep=".")
   fixed, free = {}, {}
   for field in sorted(set(old) & set(new)):
     if old[field] == new[field] or _matches(field, IGNORED):
