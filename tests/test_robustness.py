@@ -216,14 +216,21 @@ def reference(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
 
 
-def _largest_array_file(step_dir):
-  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
-  return max(files, key=os.path.getsize)
+def _array_files(step_dir):
+  return glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
 
 
 def _truncate(step_dir):
-  path = _largest_array_file(step_dir)
-  os.truncate(path, os.path.getsize(path) // 2)
+  """Every array data file cut to half its size.
+
+  Which file holds an array is not knowable from outside: Orbax merges the per-process
+  OCDBT databases into the step's own and may leave data files that the merged manifest
+  no longer reads, so cutting one chosen file (say the largest) can miss the data.
+  """
+  files = _array_files(step_dir)
+  assert files, step_dir
+  for path in files:
+    os.truncate(path, os.path.getsize(path) // 2)
 
 
 def _delete_metadata(step_dir):
