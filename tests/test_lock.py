@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from gcs_emulator import gcs, gcs_server  # pylint: disable=unused-import
 from vit_jax.training import lock as lock_lib
 
 
@@ -95,3 +96,34 @@ def test_object_store_path_uses_write_and_read_back(tmp_path, monkeypatch):
                       lambda _: _write(workdir, host="fast-host", pid=7, token="winner"))
   with pytest.raises(lock_lib.WorkdirLockedError, match="host fast-host, pid 7"):
     loser.acquire()
+
+
+def test_a_gs_workdir_lock_refuses_a_second_run_and_takes_over_a_stale_one(gcs):
+  """The object-store protocol against the emulator: a real bucket, not a local path."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  workdir = gcs.bucket() + "/run"
+  lock_file = epath.Path(workdir) / lock_lib.LOCK_FILE
+  first = lock_lib.WorkdirLock(workdir, settle_s=0.05, heartbeat_s=0.2).acquire()
+  assert first.remote
+  try:
+    assert json.loads(lock_file.read_text())["token"] == first.token
+    with pytest.raises(lock_lib.WorkdirLockedError,
+                       match=rf"in use by another run \(host {socket.gethostname()}, "
+                             rf"pid {os.getpid()}, started .*{lock_file}"):
+      lock_lib.WorkdirLock(workdir, settle_s=0.05).acquire()
+    beat = json.loads(lock_file.read_text())["heartbeat"]
+    time.sleep(0.6)
+    assert json.loads(lock_file.read_text())["heartbeat"] > beat  # Kept alive in the bucket.
+  finally:
+    first.release()
+  assert not lock_file.exists()
+  # A run on another host that died without releasing: stale once its heartbeat is old.
+  lock_file.write_text(json.dumps({"host": "dead-host", "pid": 3, "token": "gone",
+                                   "start_time": time.time() - 900,
+                                   "heartbeat": time.time() - 700}))
+  taker = lock_lib.WorkdirLock(workdir, settle_s=0.05, stale_after_s=600).acquire()
+  try:
+    assert "host dead-host, pid 3" in taker.messages[0]
+    assert json.loads(lock_file.read_text())["token"] == taker.token
+  finally:
+    taker.release()
