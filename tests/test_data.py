@@ -443,20 +443,6 @@ def test_digits_preparation_race_is_safe(tmp_path):
   assert os.listdir(tmp_path / 'digits') == ['1.0.0']    # no leftover temp dirs
 
 
-def test_mixup_mixes_images_and_labels():
-  from vit_jax.data.augment import mixup
-  images = jax.numpy.asarray(np.stack([np.full((2, 2, 3), v, np.float32) for v in (-1., 0., 1.)]))
-  labels = jax.nn.one_hot(np.array([0, 1, 2]), 3)
-  out, lab, lam = mixup(jax.random.key(0), images, labels, alpha=0.4)
-  lam = float(lam)
-  assert 0.5 <= lam <= 1.0
-  np.testing.assert_allclose(np.asarray(out)[:, 0, 0, 0], [lam * -1 + (1 - lam), 0., lam - (1 - lam)], atol=1e-6)
-  np.testing.assert_allclose(np.asarray(lab).sum(1), 1.0, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(lab)[0], [lam, 0, 1 - lam], atol=1e-6)
-  same, same_lab, one = mixup(jax.random.key(0), images, labels, alpha=0.0)
-  assert float(one) == 1.0 and same is images and same_lab is labels
-
-
 def test_folder_spec_vs_tfds_name(tmp_path, monkeypatch):
   from vit_jax.data import sources
   monkeypatch.chdir(tmp_path)

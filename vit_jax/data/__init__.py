@@ -8,7 +8,6 @@ tensorflow-datasets, e.g. on an accelerator machine that has only JAX.
 import importlib
 
 _EXPORTS = {
-    "mixup": "augment",
     "CorruptImageError": "errors",
     "DataError": "errors",
     "DatasetNotPreparedError": "errors",
