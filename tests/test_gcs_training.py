@@ -22,6 +22,7 @@ from trainer_fixtures import REPO, TINY_FLAGS, as_flags, tiny_config
 from vit_jax import checkpoints
 from vit_jax import storage
 from vit_jax.checkpoints import published
+from vit_jax.data.errors import DatasetNotPreparedError
 from vit_jax.models import params as names
 from vit_jax.training import loop
 from vit_jax.training import reporting
@@ -261,3 +262,25 @@ def test_an_unreachable_bucket_fails_fast_naming_the_path(gcs, gcs_server, tmp_p
     loop.train_and_evaluate(tiny_config(), "gs://any-bucket/run")
   assert time.monotonic() - started < 5
   assert not (tmp_path / "a").exists()
+
+
+def test_training_reads_a_prepared_dataset_from_a_gs_data_dir(gcs, tmp_path):
+  """tfds metadata through epath, ArrayRecord records through array_record's own GCS
+  client: the same data, so the same parameters as reading the local copy."""
+  local = tmp_path / "tfds"
+  run = dict(total_steps=6, log_every=3, eval_every=0, checkpoint_every=6, warmup_steps=2,
+             batch_size=32)
+  on_disk = loop.train_and_evaluate(tiny_config(data_dir=str(local), **run),
+                                    str(tmp_path / "local"))
+  data_dir = gcs.bucket() + "/tfds"
+  with pytest.raises(DatasetNotPreparedError,
+                     match=r"(?s)prepared on first use on local disk only.*"
+                     rf"gcloud storage cp -r ~/tensorflow_datasets/digits {data_dir}/"):
+    loop.train_and_evaluate(tiny_config(data_dir=data_dir, **run), str(tmp_path / "none"))
+  for f in (local / "digits" / "1.0.0").iterdir():
+    epath.Path(data_dir, "digits", "1.0.0", f.name).write_bytes(f.read_bytes())
+  on_gs = loop.train_and_evaluate(tiny_config(data_dir=data_dir, **run),
+                                  str(tmp_path / "remote"))
+  assert on_gs["accuracy"] == on_disk["accuracy"]
+  _assert_identical(checkpoints.restore_params(on_gs["params_dir"]),
+                    checkpoints.restore_params(on_disk["params_dir"]))

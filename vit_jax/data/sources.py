@@ -145,11 +145,15 @@ def resolve(config) -> ResolvedDataset:
   name = config.dataset
   data_dir = data_dir_of(config)
   if name == 'digits':
-    if '://' in data_dir:
+    remote = '://' in data_dir
+    builder = digits_lib.digits_builder(data_dir, prepare=not remote)
+    if remote and not builder.is_prepared():
       raise DatasetNotPreparedError(
           f'data_dir {data_dir}: the digits dataset is prepared on first use on local '
-          'disk (under a file lock); set config.data_dir to a local directory.')
-    return _tfds_resolved(digits_lib.digits_builder(data_dir))
+          'disk only (under a file lock). Set config.data_dir to a local directory, or '
+          'copy a prepared one there: gcloud storage cp -r '
+          f'~/tensorflow_datasets/digits {data_dir}/')
+    return _tfds_resolved(builder)
   if is_folder_spec(name):
     root = os.path.abspath(os.path.expanduser(name))
     if not os.path.isdir(root):
