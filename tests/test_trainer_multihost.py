@@ -1,6 +1,8 @@
 """Two processes (2 CPU devices each) on 127.0.0.1: SIGTERM to one of them stops both at
-the same step, with one checkpoint, and a rerun of both resumes and finishes."""
+the same step, with one checkpoint, and a rerun of both resumes and finishes; with the
+newest checkpoint damaged, both resume from the one before."""
 
+import glob
 import os
 import signal
 import socket
@@ -8,7 +10,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from trainer_fixtures import REPO, TINY_FLAGS, as_flags
+from vit_jax import checkpoints
+from vit_jax.models import params as names
 from vit_jax.training import reporting
 
 TOTAL_STEPS = 60
@@ -81,3 +87,20 @@ def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
   assert f"Done: {TOTAL_STEPS} steps" in out0 and "2 process(es)" in out0
   steps = [r["step"] for r in reporting.read_metrics(workdir) if r["kind"] == "train"]
   assert steps == list(range(5, TOTAL_STEPS + 1, 5))
+
+  # The newest checkpoint damaged (every array data file cut): both processes agree it
+  # cannot be restored, process 0 moves it aside, and both resume from the one before.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  finished = names.flatten(checkpoints.restore_params(os.path.join(workdir, "params")))
+  previous = sorted(int(s) for s in os.listdir(ckpt_dir))[-2]
+  for path in glob.glob(os.path.join(ckpt_dir, str(TOTAL_STEPS), "state", "**", "d", "*"),
+                        recursive=True):
+    os.truncate(path, os.path.getsize(path) // 2)
+  out0, _ = _finish(_start_pair(workdir))
+  assert f"The checkpoint at step {TOTAL_STEPS} cannot be restored (" in out0, out0[-3000:]
+  assert f"Resuming from step {previous} instead." in out0
+  assert f"Done: {TOTAL_STEPS} steps" in out0
+  assert len(glob.glob(os.path.join(ckpt_dir, f"{TOTAL_STEPS}.damaged-*"))) == 1
+  again = names.flatten(checkpoints.restore_params(os.path.join(workdir, "params")))
+  for key, value in finished.items():
+    np.testing.assert_array_equal(again[key], value, err_msg=key)
