@@ -17,7 +17,7 @@ _EXPORTS = {
     "eval_transform": "images",
     "normalize_images": "images",
     "train_transform": "images",
-    "DataIterator": "pipeline",
+    "DataIterator": "iterator",
     "make_eval_iterator": "pipeline",
     "make_train_iterator": "pipeline",
     "MeshPrefetcher": "pipeline",

@@ -9,12 +9,15 @@ Train order: epoch e uses the permutation of all N examples drawn from
 examples each, so every process yields the same number of batches). The
 augmentation randomness of an example is drawn from (seed, epoch, global
 index), so results do not depend on workers, threads or process count.
-RandAugment (`config.pp.randaugment = (N, M)`) runs after the crop and flip on
-the same per-example generator, so it shares that property and resumes exactly.
+RandAugment (`config.pp.randaugment = (N, M)`) and random erasing
+(`config.pp.random_erase`) run after the crop and flip on the same per-example
+generator, so they share that property and resume exactly. Repeated augmentation
+(`config.pp.repeated_aug = r`, DeiT's) puts each example r times in a row in the
+epoch's order (N positions, so N / r distinct examples), copy c drawing its own
+randomness; over P >= r processes the copies of one example go to different processes.
 """
 
 import collections
-import json
 import logging
 import math
 import sys
@@ -24,10 +27,10 @@ import numpy as np
 
 from vit_jax.data import images as images_lib
 from vit_jax.data import randaugment as randaugment_lib
+from vit_jax.data import random_erasing
 from vit_jax.data import sources
 from vit_jax.data.errors import CorruptImageError
-
-_STATE_VERSION = 1
+from vit_jax.data.iterator import DataIterator
 
 
 def _processes(process_index, process_count):
@@ -52,10 +55,10 @@ def _seed_words(seed: int):
 
 
 class _TrainOrder:
-  """Infinite sequence i -> (epoch, global example index) for one process."""
+  """Infinite sequence i -> (epoch, global example index[, copy]) for one process."""
 
-  def __init__(self, num_examples, seed, process_index, process_count):
-    self._n = num_examples
+  def __init__(self, num_examples, seed, process_index, process_count, repeats=1):
+    self._n, self._repeats = num_examples, int(repeats)
     self._seed = _seed_words(seed)
     self._pi, self._pc = process_index, process_count
     self._per_process = num_examples // process_count
@@ -76,7 +79,11 @@ class _TrainOrder:
 
   def __getitem__(self, i):
     epoch, j = divmod(int(i), self._per_process)
-    return epoch, int(self._permutation(epoch)[j * self._pc + self._pi])
+    position = j * self._pc + self._pi
+    if self._repeats == 1:
+      return epoch, int(self._permutation(epoch)[position])
+    k, copy = divmod(position, self._repeats)
+    return epoch, int(self._permutation(epoch)[k]), copy
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -143,13 +150,14 @@ def randaugment_from_config(config):
 
 class _TrainMap(_Decode):
 
-  def __init__(self, source, crop, skip_corrupt, seed, area_range, flip, randaugment=None):
+  def __init__(self, source, crop, skip_corrupt, seed, area_range, flip, randaugment=None,
+               erase_prob=0.0):
     super().__init__(source, crop, skip_corrupt)
     self.seed, self.area_range, self.flip = _seed_words(seed), tuple(area_range), flip
-    self.randaugment = randaugment
+    self.randaugment, self.erase_prob = randaugment, float(erase_prob)
 
   def __call__(self, element):
-    epoch, g = element
+    epoch, g, *copy = element
     img, rec = self.read(g)
     # A skipped corrupt image is replaced by the next readable one, so batches
     # keep their size (and can be formed before the worker split).
@@ -161,10 +169,11 @@ class _TrainMap(_Decode):
       g = (g + 1) % len(self.source)
       img, rec = self.read(g)
       tries += 1
-    rng = np.random.default_rng((self.seed, epoch, g, 1))
+    rng = np.random.default_rng((self.seed, epoch, g, 1, *copy))
     img = images_lib.train_transform(img, rng, self.crop, self.area_range, self.flip)
     if self.randaugment is not None:
       img = self.randaugment(img, rng)
+    img = random_erasing.random_erase(img, rng, self.erase_prob)
     return {'image': img, 'label': np.int32(rec['label'])}
 
 
@@ -186,67 +195,6 @@ class _EvalMap(_Decode):
       return self._pad()
     img = images_lib.eval_transform(img, self.crop, self.mode)
     return {'image': img, 'label': np.int32(rec['label']), 'mask': np.bool_(True)}
-
-
-class DataIterator:
-  """Iterator over numpy batches with get_state()/set_state() and close().
-
-  The state is a JSON-serialisable dict: the grain iterator state plus the
-  identity of the pipeline (seed, split size, process layout, batch size,
-  workers), which `set_state` checks so a mismatched restore fails loudly.
-  """
-
-  def __init__(self, dataset, identity: dict, transform):
-    self._dataset = dataset
-    self._identity = identity
-    self._transform = transform
-    self._copy = identity.get('data_workers', 0) > 0
-    self._it = iter(dataset)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = next(self._it)
-    if self._copy:
-      # Batches from workers live in shared memory; plain arrays free it now
-      # (and avoid grain's shared-memory finalisers at interpreter exit).
-      batch = {k: np.array(v) for k, v in batch.items()}
-    return batch
-
-  @property
-  def num_corrupt_skipped(self) -> int:
-    """Corrupt images skipped in this process (workers log theirs)."""
-    return self._transform.num_skipped
-
-  def get_state(self) -> dict:
-    return {'version': _STATE_VERSION, 'pipeline': dict(self._identity),
-            'grain': json.dumps(self._it.get_state(), sort_keys=True)}
-
-  def set_state(self, state) -> None:
-    if isinstance(state, (bytes, str)):
-      state = json.loads(state)
-    if state.get('version') != _STATE_VERSION:
-      raise ValueError(f'Unsupported data iterator state version: {state.get("version")}.')
-    saved = dict(state['pipeline'])
-    if saved != self._identity:
-      diff = {k: (saved.get(k), self._identity.get(k))
-              for k in set(saved) | set(self._identity)
-              if saved.get(k) != self._identity.get(k)}
-      raise ValueError('Data iterator state was saved by a different pipeline; '
-                       f'(saved, current) differ in: {diff}.')
-    self._it.set_state(json.loads(state['grain']))
-
-  def close(self) -> None:
-    close = getattr(self._it, 'close', None)
-    if close is not None:
-      close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 def _finish(ds, config, local_batch, drop_remainder):
@@ -279,9 +227,10 @@ def make_train_iterator(config, *, seed: int, process_index=None, process_count=
   n = len(source)
   crop = int(config.pp.crop)
   randaugment = randaugment_from_config(config)
+  erase, repeats = float(config.pp.random_erase), int(config.pp.repeated_aug)
   transform = _TrainMap(source, crop, bool(config.pp.skip_corrupt), seed,
-                        config.pp.area_range, bool(config.pp.flip), randaugment)
-  ds = grain.MapDataset.source(_TrainOrder(n, seed, pi, pc)).map(transform)
+                        config.pp.area_range, bool(config.pp.flip), randaugment, erase)
+  ds = grain.MapDataset.source(_TrainOrder(n, seed, pi, pc, repeats)).map(transform)
   ds, workers = _finish(ds, config, local_batch, drop_remainder=True)
   identity = {'kind': 'train', 'dataset': ds_spec.name, 'split': split,
               'num_examples': n, 'seed': int(seed), 'process_index': pi,
@@ -290,6 +239,9 @@ def make_train_iterator(config, *, seed: int, process_index=None, process_count=
   if randaugment is not None:  # Only when set, so earlier checkpoints still resume.
     identity['randaugment'] = [randaugment.num_ops, randaugment.magnitude,
                                list(randaugment.ops)]
+  for name, value, off in (('random_erase', erase, 0.0), ('repeated_aug', repeats, 1)):
+    if value != off:
+      identity[name] = value
   return DataIterator(ds, identity, transform)
 
 

@@ -156,13 +156,19 @@ def _batches(config, mesh) -> list[str]:
 
 
 def _recipes(config) -> list[str]:
-  """RandAugment, EMA, layer decay and the config.evals entries (issue 14)."""
+  """RandAugment, random erasing, repeated augmentation, EMA, layer decay and the config.evals entries (issue 14)."""
   from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top (grain)
   lines = []
   try:
     pipeline.randaugment_from_config(config)
   except ValueError as e:
     lines.append(str(e))
+  if not 0.0 <= float(config.pp.random_erase) <= 1.0:
+    lines.append(f"config.pp.random_erase={config.pp.random_erase} must be in [0, 1] (the "
+                 "chance per image; 0 = off, DeiT 0.25).")
+  if int(config.pp.repeated_aug) < 1:
+    lines.append(f"config.pp.repeated_aug={config.pp.repeated_aug} must be a positive "
+                 "number of copies (1 = off, DeiT 3).")
   if not 0.0 <= float(config.ema_decay) < 1.0:
     lines.append(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 = off; e.g. "
                  "0.9999).")
