@@ -132,6 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   # magnitude in [0, 30]), e.g. --config.pp.randaugment="(2, 15)"; None = off.
   c.pp.randaugment = config_dict.placeholder(tuple)
   c.pp.randaugment_ops = config_dict.placeholder(tuple)  # Op names; None = the 15 default.
+  c.pp.randaugment_magnitude_std = 0.0  # timm's magnitude noise per op (DeiT: 0.5); 0 = off.
   c.pp.random_erase = 0.0  # Chance per image of erasing a rectangle (DeiT: 0.25); 0 = off.
   c.pp.repeated_aug = 1  # Copies of each example per epoch, each augmented (DeiT: 3).
   c.mixup_alpha = 0.0  # Beta(alpha, alpha) Mixup of each batch on the device; 0 = off.

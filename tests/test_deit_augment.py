@@ -146,3 +146,22 @@ def test_bad_deit_fields_are_named():
   lines = config_check.problems(c)
   assert any(line.startswith("config.pp.random_erase=1.5 must be in [0, 1]") for line in lines)
   assert any(line.startswith("config.pp.repeated_aug=0 must be a positive") for line in lines)
+
+
+def test_magnitude_noise_varies_each_ops_magnitude_around_m():
+  """Brightness scales by 0.1 + 1.8 * M / 10 (big_vision's range): read M back from it."""
+  from vit_jax.data import randaugment  # pylint: disable=g-import-not-at-top
+  image = np.full((8, 8, 3), 100, np.uint8)
+
+  def magnitudes(augment):
+    values = np.array([augment(image, np.random.default_rng(s))[0, 0, 0] for s in range(80)])
+    return (values / 100 - 0.1) / 0.18
+
+  fixed = magnitudes(randaugment.RandAugment(1, 9, ("Brightness",)))
+  np.testing.assert_allclose(fixed, 9, atol=0.03)  # Rounding to uint8 only.
+  noisy = magnitudes(randaugment.RandAugment(1, 9, ("Brightness",), magnitude_std=0.5))
+  assert abs(noisy.mean() - 9) < 0.15 and 0.4 < noisy.std() < 0.6
+  with pytest.raises(ValueError, match=r"config.pp.randaugment_magnitude_std=-1.0: .*"
+                     r"magnitude_std must be a finite number >= 0"):
+    pipeline.randaugment_from_config(fx.small_config(
+        pp={"randaugment": (2, 9), "randaugment_magnitude_std": -1.0}))

@@ -53,7 +53,8 @@ def test_deit_recipes(arg, name):
   c = load_config_file("deit", arg)
   assert config_check.problems(c) == []
   assert c.model.name == name and c.pp.randaugment == (2, 9)
-  assert (c.pp.random_erase, c.pp.repeated_aug) == (0.25, 3)
+  assert (c.pp.random_erase, c.pp.repeated_aug, c.pp.randaugment_magnitude_std) == (
+      0.25, 3, 0.5)
   assert (c.mixup_alpha, c.cutmix_alpha, c.mix_prob, c.label_smoothing) == (0.8, 1.0, 1.0, 0.1)
   assert (c.lr, c.weight_decay, c.ema_decay, c.model.stochastic_depth) == (1e-3, 0.05, 0.99996, 0.1)
   assert c.total_steps == 300 * (1_281_167 // 1024)

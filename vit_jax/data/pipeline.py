@@ -128,9 +128,10 @@ class _Decode:
 def randaugment_from_config(config):
   """`config.pp.randaugment` (N, M) as a RandAugment, or None when unset.
 
-  `config.pp.randaugment_ops` picks the op list (None: randaugment.DEFAULT_OPS).
+  `config.pp.randaugment_ops` picks the op list (None: randaugment.DEFAULT_OPS),
+  `config.pp.randaugment_magnitude_std` timm's magnitude noise (0 = off).
   Raises ValueError naming the field for a malformed value, an op count below 0, a
-  magnitude outside [0, 30] or an unknown op name.
+  magnitude outside [0, 30], a negative noise or an unknown op name.
   """
   value = config.pp.randaugment
   if value is None:
@@ -141,11 +142,13 @@ def randaugment_from_config(config):
   num_ops, magnitude = tuple(value)
   ops = config.pp.randaugment_ops
   try:
-    return randaugment_lib.RandAugment(num_ops, magnitude,
-                                       None if ops is None else tuple(ops))
+    return randaugment_lib.RandAugment(
+        num_ops, magnitude, None if ops is None else tuple(ops),
+        magnitude_std=config.pp.randaugment_magnitude_std)
   except ValueError as e:
+    std = config.pp.randaugment_magnitude_std
     raise ValueError(f'config.pp.randaugment={tuple(value)!r}, config.pp.randaugment_ops='
-                     f'{ops!r}: {e}') from None
+                     f'{ops!r}, config.pp.randaugment_magnitude_std={std!r}: {e}') from None
 
 
 class _TrainMap(_Decode):
@@ -239,6 +242,8 @@ def make_train_iterator(config, *, seed: int, process_index=None, process_count=
   if randaugment is not None:  # Only when set, so earlier checkpoints still resume.
     identity['randaugment'] = [randaugment.num_ops, randaugment.magnitude,
                                list(randaugment.ops)]
+    if randaugment.magnitude_std:
+      identity['randaugment'].append(randaugment.magnitude_std)
   for name, value, off in (('random_erase', erase, 0.0), ('repeated_aug', repeats, 1)):
     if value != off:
       identity[name] = value

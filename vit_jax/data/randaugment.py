@@ -336,11 +336,13 @@ class RandAugment:
 
   For each of num_ops layers, from `rng` in this order: the op (uniform over `ops`), its
   sign (negative with probability 1/2; drawn for every op, used by signed ops), whether
-  to apply it (only when prob < 1), and Cutout's centre. Deterministic given the rng.
+  to apply it (only when prob < 1), its magnitude (only when magnitude_std > 0: timm's
+  magnitude noise, N(magnitude, magnitude_std) clipped to [0, 30]; timm clips at 10), and
+  Cutout's centre. Deterministic given the rng.
   """
 
   def __init__(self, num_ops: int, magnitude: float, ops: Optional[Sequence[str]] = None,
-               prob: float = 1.0):
+               prob: float = 1.0, magnitude_std: float = 0.0):
     if isinstance(num_ops, bool) or not isinstance(num_ops, (int, np.integer)) or num_ops < 0:
       raise ValueError(f'RandAugment num_ops must be an integer >= 0 (0 = off; 2 is usual), '
                        f'got {num_ops!r}.')
@@ -351,6 +353,11 @@ class RandAugment:
     self.magnitude = check_magnitude(magnitude)
     self.ops = check_op_names(DEFAULT_OPS if ops is None else ops)
     self.prob = float(prob)
+    if not (isinstance(magnitude_std, (int, float, np.number)) and not isinstance(
+        magnitude_std, bool) and 0.0 <= float(magnitude_std) < float('inf')):
+      raise ValueError(f'RandAugment magnitude_std must be a finite number >= 0 (0 = off; '
+                       f'DeiT 0.5), got {magnitude_std!r}.')
+    self.magnitude_std = float(magnitude_std)
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     _check_image(image)
@@ -359,12 +366,15 @@ class RandAugment:
       negate = bool(rng.random() < 0.5)
       if self.prob < 1.0 and not rng.random() < self.prob:
         continue
-      image = apply_op(image, name, self.magnitude, negate=negate, rng=rng)
+      magnitude = self.magnitude
+      if self.magnitude_std > 0:
+        magnitude = float(np.clip(rng.normal(magnitude, self.magnitude_std), 0, MAX_MAGNITUDE))
+      image = apply_op(image, name, magnitude, negate=negate, rng=rng)
     return image
 
   def __repr__(self):
     return (f'RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude:g}, '
-            f'ops={self.ops}, prob={self.prob:g})')
+            f'ops={self.ops}, prob={self.prob:g}, magnitude_std={self.magnitude_std:g})')
 
 
 class RandAugmentTransform(grain.transforms.RandomMap):
