@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer_fixtures import REPO, tiny_config
+from trainer_fixtures import REPO, compilation_cache, tiny_config
 from vit_jax.evaluate import ablation
 from vit_jax.training import loop
 
@@ -46,7 +46,9 @@ def grid(tmp_path_factory):
     calls.append((cfg.model.posemb, cfg.seed, run_workdir))
     return loop.train_and_evaluate(cfg, run_workdir)
 
-  trained = ablation.run_grid(config, sweeps, SEEDS, workdir, train=train, log=lambda _: None)
+  with compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
+    trained = ablation.run_grid(config, sweeps, SEEDS, workdir, train=train,
+                                log=lambda _: None)
   return config, sweeps, workdir, trained, calls
 
 

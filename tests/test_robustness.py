@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import write_image_folder
-from trainer_fixtures import REPO, TINY_FLAGS, as_flags, tiny_config
+from trainer_fixtures import REPO, TINY_FLAGS, as_flags, compilation_cache, tiny_config
 from vit_jax import checkpoints
 from vit_jax import data
 from vit_jax import main as main_command
@@ -204,16 +204,10 @@ RUN = dict(total_steps=STEPS, log_every=10, eval_every=0, checkpoint_every=10,
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """An uninterrupted run: checkpoints 10, 20, 30 and its final parameters."""
-  cache = str(tmp_path_factory.mktemp("xla_cache"))
-  previous = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  loop.train_and_evaluate(tiny_config(**RUN), workdir)
-  yield workdir
-  jax.config.update("jax_compilation_cache_dir", previous[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+  with compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    loop.train_and_evaluate(tiny_config(**RUN), workdir)
+    yield workdir
 
 
 def _array_files(step_dir):

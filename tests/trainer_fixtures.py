@@ -1,5 +1,6 @@
 """Tiny training configs for the trainer tests (the 'testing' ViT on the digits dataset)."""
 
+import contextlib
 import importlib.util
 import os
 
@@ -46,3 +47,19 @@ def shrink(config, **overrides):
 
 def as_flags(values: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: str):
+  """In-process runs share XLA's persistent cache in `directory`: a run whose step has
+  the same HLO as an earlier one (e.g. only the seed differs) loads it, not compiles it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
