@@ -49,6 +49,15 @@ def test_a_negative_learning_rate_stops_naming_the_field():
   assert len(lines) == 1 and lines[0].startswith("config.lr=-0.01 must be > 0"), lines
 
 
+@pytest.mark.parametrize("steps, line", [
+    (dict(total_steps=0), "config.total_steps=0 must be positive."),
+    (dict(warmup_steps=-1), "config.warmup_steps=-1 must be >= 0."),
+    (dict(warmup_steps=2000), "config.warmup_steps=2000 must be in [0, total_steps=1000]."),
+])
+def test_a_bad_step_count_is_reported_once(steps, line):
+  assert _problems(**steps) == [line]
+
+
 def test_every_out_of_range_field_is_listed_at_once():
   lines = _problems(**{"model.dropout_rate": 1.5, "model.attention_dropout_rate": -0.1,
                        "model.stochastic_depth": 1.0, "model.hidden_size": 0,

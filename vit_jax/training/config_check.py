@@ -127,6 +127,8 @@ def _patch_grid(config) -> list[str]:
 
 
 def _optimizer(config) -> list[str]:
+  if int(config.total_steps) <= 0 or int(config.warmup_steps) < 0:
+    return []  # Reported by _ranges; the schedule would only say it again.
   try:
     optim.make_optimizer(config)  # Schedule, optimizer name, warm-up and clipping.
   except ValueError as e:
