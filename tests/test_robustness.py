@@ -58,6 +58,19 @@ def test_a_bad_step_count_is_reported_once(steps, line):
   assert _problems(**steps) == [line]
 
 
+@pytest.mark.parametrize("fields, start", [
+    ({"pp.area_range": (0.9, 0.2)}, "config.pp.area_range=(0.9, 0.2) must be (low, high)"),
+    ({"pp.area_range": (0.0, 1.0)}, "config.pp.area_range=(0.0, 1.0) must be (low, high)"),
+    ({"model.num_heads": 5}, "config.model.hidden_size=32 is not divisible by "
+                             "config.model.num_heads=5"),
+    # Checked even with RandAugment off: a value that could never be right.
+    ({"pp.randaugment_magnitude_std": -1.0}, "config.pp.randaugment_magnitude_std=-1.0"),
+])
+def test_fields_that_failed_only_once_training_ran_are_checked_first(fields, start):
+  lines = _problems(**fields)
+  assert len(lines) == 1 and lines[0].startswith(start), lines
+
+
 def test_every_out_of_range_field_is_listed_at_once():
   lines = _problems(**{"model.dropout_rate": 1.5, "model.attention_dropout_rate": -0.1,
                        "model.stochastic_depth": 1.0, "model.hidden_size": 0,

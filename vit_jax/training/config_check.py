@@ -158,19 +158,13 @@ def _batches(config, mesh) -> list[str]:
 
 
 def _recipes(config) -> list[str]:
-  """RandAugment, random erasing, repeated augmentation, EMA, layer decay and the config.evals entries (issue 14)."""
+  """RandAugment, EMA, layer decay and the config.evals entries (issue 14)."""
   from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top (grain)
   lines = []
   try:
     pipeline.randaugment_from_config(config)
   except ValueError as e:
     lines.append(str(e))
-  if not 0.0 <= float(config.pp.random_erase) <= 1.0:
-    lines.append(f"config.pp.random_erase={config.pp.random_erase} must be in [0, 1] (the "
-                 "chance per image; 0 = off, DeiT 0.25).")
-  if int(config.pp.repeated_aug) < 1:
-    lines.append(f"config.pp.repeated_aug={config.pp.repeated_aug} must be a positive "
-                 "number of copies (1 = off, DeiT 3).")
   if not 0.0 <= float(config.ema_decay) < 1.0:
     lines.append(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 = off; e.g. "
                  "0.9999).")
@@ -182,9 +176,37 @@ def _recipes(config) -> list[str]:
   return lines + evaluators.problems(config)
 
 
+def _augmentation(config) -> list[str]:
+  """The host-side training augmentation fields of config.pp."""
+  pp, lines = config.pp, []
+  area = tuple(pp.area_range) if isinstance(pp.area_range, (tuple, list)) else ()
+  if not (len(area) == 2 and 0 < float(area[0]) <= float(area[1]) <= 1):
+    lines.append(f"config.pp.area_range={pp.area_range!r} must be (low, high) with "
+                 "0 < low <= high <= 1: the crop's share of the image area (paper 0.05-1).")
+  if not 0.0 <= float(pp.random_erase) <= 1.0:
+    lines.append(f"config.pp.random_erase={pp.random_erase} must be in [0, 1] (the "
+                 "chance per image; 0 = off, DeiT 0.25).")
+  if int(pp.repeated_aug) < 1:
+    lines.append(f"config.pp.repeated_aug={pp.repeated_aug} must be a positive "
+                 "number of copies (1 = off, DeiT 3).")
+  if not 0.0 <= float(pp.randaugment_magnitude_std) < float("inf"):
+    lines.append(f"config.pp.randaugment_magnitude_std={pp.randaugment_magnitude_std} must "
+                 "be a finite number >= 0 (0 = off; DeiT 0.5).")
+  return lines
+
+
+def _heads(config) -> list[str]:
+  m = config.model
+  if int(m.hidden_size) > 0 and int(m.num_heads) > 0 and int(m.hidden_size) % int(m.num_heads):
+    return [f"config.model.hidden_size={m.hidden_size} is not divisible by "
+            f"config.model.num_heads={m.num_heads}: each head takes hidden_size / num_heads "
+            "channels."]
+  return []
+
+
 def problems(config, mesh=None) -> list[str]:
   """Every problem of `config` (with `mesh`, also the batch layout), one line each."""
-  lines = _ranges(config) + _model_name(config) + _patch_grid(config)
+  lines = _ranges(config) + _model_name(config) + _patch_grid(config) + _heads(config)
   lines += _optimizer(config)
   if not any("config.model." in line for line in lines):
     lines += _model(config)  # On out-of-range fields it would only repeat them, worse.
@@ -192,7 +214,7 @@ def problems(config, mesh=None) -> list[str]:
     lines += objectives.get(config).problems(config)
   except ValueError as e:
     lines.append(str(e))
-  lines += _recipes(config)
+  lines += _augmentation(config) + _recipes(config)
   if mesh is not None:
     lines += _batches(config, mesh)
   return lines
