@@ -3,7 +3,8 @@
 A short `python -m vit_jax.main --workdir=gs://...` run leaves checkpoints, params, metrics
 and TensorBoard events in the bucket; SIGTERM + rerun resumes from the bucket
 bit-identically; fine-tuning starts from a gs:// .npz, a gs:// workdir and an `augreg:`
-name; two processes share one gs:// workdir; an unreachable bucket fails fast, named.
+name; two processes share one gs:// workdir; a prepared dataset on a gs:// data_dir trains
+like its local copy; an unreachable bucket fails fast, named.
 """
 
 import os
