@@ -65,6 +65,9 @@ def test_a_bad_step_count_is_reported_once(steps, line):
                              "config.model.num_heads=5"),
     # Checked even with RandAugment off: a value that could never be right.
     ({"pp.randaugment_magnitude_std": -1.0}, "config.pp.randaugment_magnitude_std=-1.0"),
+    ({"pp.randaugment": (2, 9), "pp.randaugment_magnitude_std": -1.0},
+     "config.pp.randaugment=(2, 9), config.pp.randaugment_ops=None, "
+     "config.pp.randaugment_magnitude_std=-1.0: RandAugment magnitude_std must be"),
 ])
 def test_fields_that_failed_only_once_training_ran_are_checked_first(fields, start):
   lines = _problems(**fields)

@@ -133,8 +133,12 @@ def randaugment_from_config(config):
   Raises ValueError naming the field for a malformed value, an op count below 0, a
   magnitude outside [0, 30], a negative noise or an unknown op name.
   """
-  value = config.pp.randaugment
-  if value is None:
+  value, std = config.pp.randaugment, config.pp.randaugment_magnitude_std
+  if value is None:  # Off; a noise that could never be right is still refused.
+    try:
+      randaugment_lib.check_magnitude_std(std)
+    except ValueError as e:
+      raise ValueError(f'config.pp.randaugment_magnitude_std={std!r}: {e}') from None
     return None
   if isinstance(value, str) or len(tuple(value)) != 2:
     raise ValueError(f'config.pp.randaugment must be (num_ops, magnitude), e.g. (2, 15), '
@@ -144,9 +148,8 @@ def randaugment_from_config(config):
   try:
     return randaugment_lib.RandAugment(
         num_ops, magnitude, None if ops is None else tuple(ops),
-        magnitude_std=config.pp.randaugment_magnitude_std)
+        magnitude_std=std)
   except ValueError as e:
-    std = config.pp.randaugment_magnitude_std
     raise ValueError(f'config.pp.randaugment={tuple(value)!r}, config.pp.randaugment_ops='
                      f'{ops!r}, config.pp.randaugment_magnitude_std={std!r}: {e}') from None
 

@@ -290,6 +290,15 @@ def check_op_names(ops: Sequence[str]) -> tuple[str, ...]:
   return ops
 
 
+def check_magnitude_std(magnitude_std) -> float:
+  """timm's magnitude noise: a finite number >= 0 (0 = off)."""
+  if not (isinstance(magnitude_std, (int, float, np.number)) and not isinstance(
+      magnitude_std, bool) and 0.0 <= float(magnitude_std) < float('inf')):
+    raise ValueError(f'RandAugment magnitude_std must be a finite number >= 0 (0 = off; '
+                     f'DeiT 0.5), got {magnitude_std!r}.')
+  return float(magnitude_std)
+
+
 def check_magnitude(magnitude) -> float:
   try:
     value = float(magnitude)
@@ -353,11 +362,7 @@ class RandAugment:
     self.magnitude = check_magnitude(magnitude)
     self.ops = check_op_names(DEFAULT_OPS if ops is None else ops)
     self.prob = float(prob)
-    if not (isinstance(magnitude_std, (int, float, np.number)) and not isinstance(
-        magnitude_std, bool) and 0.0 <= float(magnitude_std) < float('inf')):
-      raise ValueError(f'RandAugment magnitude_std must be a finite number >= 0 (0 = off; '
-                       f'DeiT 0.5), got {magnitude_std!r}.')
-    self.magnitude_std = float(magnitude_std)
+    self.magnitude_std = check_magnitude_std(magnitude_std)
 
   def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     _check_image(image)

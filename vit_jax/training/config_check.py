@@ -189,9 +189,6 @@ def _augmentation(config) -> list[str]:
   if int(pp.repeated_aug) < 1:
     lines.append(f"config.pp.repeated_aug={pp.repeated_aug} must be a positive "
                  "number of copies (1 = off, DeiT 3).")
-  if not 0.0 <= float(pp.randaugment_magnitude_std) < float("inf"):
-    lines.append(f"config.pp.randaugment_magnitude_std={pp.randaugment_magnitude_std} must "
-                 "be a finite number >= 0 (0 = off; DeiT 0.5).")
   return lines
 
 
