@@ -112,7 +112,8 @@ def test_pipeline_erases_after_the_crop_and_resumes_exactly(digits_dir):
 
 def test_repeated_order_repeats_each_example_and_spreads_copies_over_processes():
   n, repeats = 30, 3
-  alone = pipeline._TrainOrder(n, 5, 0, 1, repeats)  # pylint: disable=protected-access
+  order = pipeline._TrainOrder  # pylint: disable=protected-access
+  alone = order(n, 5, 0, 1, repeats)
   epoch = [alone[i] for i in range(n)]
   assert [c for _, _, c in epoch] == [0, 1, 2] * 10
   examples = [g for _, g, _ in epoch]
@@ -120,12 +121,11 @@ def test_repeated_order_repeats_each_example_and_spreads_copies_over_processes()
   assert len(set(examples)) == n // repeats  # ... so an epoch holds N / 3 distinct ones.
   assert alone[n][0] == 1 and [alone[n + i][1] for i in range(n)] != examples
   # Three processes: each sees the same examples in the same order, its own copy.
-  per_process = [[pipeline._TrainOrder(n, 5, p, 3, repeats)[i]  # pylint: disable=protected-access
-                  for i in range(n // 3)] for p in range(3)]
+  per_process = [[order(n, 5, p, 3, repeats)[i] for i in range(n // 3)] for p in range(3)]
   for p, seq in enumerate(per_process):
     assert [g for _, g, _ in seq] == examples[::3] and {c for _, _, c in seq} == {p}
   # Off: today's order, (epoch, index) pairs of one permutation.
-  plain = pipeline._TrainOrder(n, 5, 0, 1)  # pylint: disable=protected-access
+  plain = order(n, 5, 0, 1)
   assert sorted(plain[i][1] for i in range(n)) == list(range(n)) and len(plain[0]) == 2
 
 

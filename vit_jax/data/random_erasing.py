@@ -26,8 +26,9 @@ def erase_box(height: int, width: int, rng: np.random.Generator):
     box_h = int(round(math.sqrt(area * aspect)))
     box_w = int(round(math.sqrt(area / aspect)))
     if 0 < box_h < height and 0 < box_w < width:
-      return int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1)), \
-          box_h, box_w
+      top = int(rng.integers(0, height - box_h + 1))
+      left = int(rng.integers(0, width - box_w + 1))
+      return top, left, box_h, box_w
   return None
 
 

@@ -6,8 +6,9 @@ a trainer workdir (its `config.json` and final `params/`) and writes
 embeddings only), `embedding_filters.png` (Figure 7 left: principal components of the
 patch-embedding filters; not for hybrids, whose embedding sees ResNet channels) and
 `analysis.json` with the numbers, including few-shot linear-probe accuracies on frozen
-pre-logits features and the filters' explained-variance ratios. The workdir and `out` may be gs:// paths
-(read and written through etils.epath; the PNGs are drawn locally, then uploaded).
+pre-logits features and the filters' explained-variance ratios. The workdir and `out` may
+be gs:// paths (read and written through etils.epath; the PNGs are drawn locally, then
+uploaded).
 """
 
 import contextlib
@@ -73,6 +74,8 @@ def embedding_filters(params, path, num: int = 28):
   components, ratio = filters.embedding_filter_components(kernel, num)
   return {"explained_variance_ratio": ratio.tolist(),
           "plot": filters.plot_embedding_filters(components, path)}
+
+
 @contextlib.contextmanager
 def _local_dir_for(out):
   """A local directory whose files end up in `out`: `out` itself when it is local, else

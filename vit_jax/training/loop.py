@@ -97,8 +97,8 @@ class _Run:
 
 def evaluate(run: _Run, eval_step, params) -> dict:
   """Top-1 / top-5 accuracy and mean loss over the whole eval split (padding masked)."""
-  return evaluators_lib.split_metrics(run.config, run.config.eval_split,
-                                               run.prefetch, eval_step, params)
+  return evaluators_lib.split_metrics(run.config, run.config.eval_split, run.prefetch,
+                                      eval_step, params)
 
 
 class _Loop:
